@@ -1,0 +1,237 @@
+"""Teacher and student models: a BERT-like encoder + classifier + domain head (spec section 2).
+
+The encoder comes from a Hugging Face checkpoint (hub id or local path, any BERT-like model
+that exposes hidden states and attentions) or from a size preset / explicit sizes with random
+initialisation. Checkpoints are saved as ``model.safetensors`` + ``model.json`` and loaded
+without network access and without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, BertConfig
+
+from .config import ConfigError, ModelConfig
+from .losses import layer_map
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # [N, C]
+    domain_logits: torch.Tensor  # [N, K]
+    domain_repr: torch.Tensor  # r(x), [N, H]
+    features: torch.Tensor  # mean_pool(H_last), [N, H]
+    hidden_states: tuple | None = None  # (embeddings, layer 1..L), each [N, S, H]
+    attentions: tuple | None = None  # layer 1..L, each [N, heads, S, S]
+
+
+def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token states over non-padding positions: [N,S,H], [N,S] -> [N,H]."""
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def encoder_config(spec: ModelConfig, vocab_size: int, max_length: int):
+    """The Hugging Face config of an encoder (loaded for checkpoints, built for presets)."""
+    if spec.checkpoint:
+        try:
+            cfg = AutoConfig.from_pretrained(spec.checkpoint)
+        except OSError as e:
+            raise ConfigError(f"checkpoint {spec.checkpoint!r}: cannot load its config ({e})") from None
+        cfg._attn_implementation = "eager"
+        return cfg
+    layers, hidden, heads, intermediate = spec.sizes()
+    return BertConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, max_position_embeddings=max(512, max_length),
+        attn_implementation="eager",
+    )
+
+
+def build_encoder(spec: ModelConfig, vocab_size: int, max_length: int) -> nn.Module:
+    # eager attention: SDPA refuses output_attentions=True, which distillation needs
+    if spec.checkpoint:
+        return AutoModel.from_pretrained(spec.checkpoint, attn_implementation="eager")
+    return AutoModel.from_config(encoder_config(spec, vocab_size, max_length), attn_implementation="eager")
+
+
+class EncoderClassifier(nn.Module):
+    """Encoder + classifier on the pooled output + domain head.
+
+    r(x) = tanh(W_r (mean_pool(H_last) + e[d]) + b_r),  g(x) = W_g r(x) + b_g.
+    ``multitask=True`` gives one classifier per domain (the kd_mtl teacher); the logits of
+    an example come from its own domain's head.
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int, num_domains: int, multitask: bool = False):
+        super().__init__()
+        self.encoder = encoder
+        hidden = encoder.config.hidden_size
+        self.num_labels, self.num_domains, self.multitask = num_labels, num_domains, multitask
+        self.dropout = nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1))
+        self.classifier = nn.Linear(hidden, num_labels * (num_domains if multitask else 1))
+        self.domain_embedding = nn.Embedding(num_domains, hidden)
+        self.domain_proj = nn.Linear(hidden, hidden)  # W_r
+        self.domain_head = nn.Linear(hidden, num_domains)  # W_g
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.encoder.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, domains, token_type_ids=None, output_states=False, **_) -> Output:
+        out = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            output_hidden_states=True, output_attentions=output_states, return_dict=True,
+        )
+        last = out.last_hidden_state
+        pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else last[:, 0]
+        logits = self.classifier(self.dropout(pooled))
+        if self.multitask:
+            logits = logits.view(-1, self.num_domains, self.num_labels)[torch.arange(len(domains)), domains]
+        features = mean_pool(last, attention_mask)
+        domain_repr = torch.tanh(self.domain_proj(features + self.domain_embedding(domains)))
+        return Output(
+            logits=logits, domain_logits=self.domain_head(domain_repr), domain_repr=domain_repr, features=features,
+            hidden_states=out.hidden_states if output_states else None,
+            attentions=out.attentions if output_states else None,
+        )
+
+    def num_parameters(self) -> int:
+        """Parameters needed at inference: encoder + classifier (not the training-only heads)."""
+        return sum(p.numel() for p in self.encoder.parameters()) + sum(p.numel() for p in self.classifier.parameters())
+
+
+class Student(EncoderClassifier):
+    """A student: its own encoder/heads plus the learned projections W_h, W_d to the teacher's size."""
+
+    def __init__(self, encoder, num_labels, num_domains, teacher_hidden: int):
+        super().__init__(encoder, num_labels, num_domains)
+        h = self.hidden_size
+        self.teacher_hidden = teacher_hidden
+        self.hidden_proj = nn.Identity() if h == teacher_hidden else nn.Linear(h, teacher_hidden)  # W_h
+        self.repr_proj = nn.Identity() if h == teacher_hidden else nn.Linear(h, teacher_hidden)  # W_d
+
+
+def build_teacher(spec: ModelConfig, vocab_size: int, max_length: int, num_labels: int, num_domains: int,
+                  multitask: bool = False) -> EncoderClassifier:
+    return EncoderClassifier(build_encoder(spec, vocab_size, max_length), num_labels, num_domains, multitask)
+
+
+def build_student(spec: ModelConfig, teacher: EncoderClassifier, vocab_size: int, max_length: int,
+                  layer_map_mode: str = "exact") -> Student:
+    """A student for ``teacher``; with init_from_teacher, its layers copy teacher layers g(j)."""
+    if spec.init_from_teacher and spec.checkpoint is None:
+        cfg = encoder_config(spec, vocab_size, max_length)
+        t_cfg = teacher.encoder.config
+        mismatch = {k: (getattr(cfg, k), getattr(t_cfg, k)) for k in ("hidden_size", "intermediate_size", "num_attention_heads")
+                    if getattr(cfg, k) != getattr(t_cfg, k)}
+        if mismatch:
+            raise ConfigError(f"student.init_from_teacher: student and teacher differ in {mismatch} (student, teacher); "
+                              f"copying layers needs the same widths")
+        cfg = t_cfg.__class__.from_dict({**t_cfg.to_dict(), "num_hidden_layers": cfg.num_hidden_layers})
+        encoder = AutoModel.from_config(cfg, attn_implementation="eager")
+        copy_layers_from_teacher(encoder, teacher.encoder, layer_map_mode)
+    else:
+        encoder = build_encoder(spec, vocab_size, max_length)
+    layer_map(encoder.config.num_hidden_layers, teacher.num_layers, layer_map_mode)  # refuse before training
+    return Student(encoder, teacher.num_labels, teacher.num_domains, teacher.hidden_size)
+
+
+def _layers(encoder: nn.Module) -> nn.ModuleList:
+    for path in ("encoder.layer", "transformer.layer", "layers"):
+        obj = encoder
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise ConfigError(f"init_from_teacher: cannot find the transformer layers of {type(encoder).__name__}")
+
+
+def copy_layers_from_teacher(student_encoder: nn.Module, teacher_encoder: nn.Module, mode: str = "exact") -> None:
+    """Copy the embeddings, pooler and teacher layer g(j) into student layer j (TinyBERT/DistilBERT practice)."""
+    s_layers, t_layers = _layers(student_encoder), _layers(teacher_encoder)
+    student_encoder.embeddings.load_state_dict(teacher_encoder.embeddings.state_dict())
+    for j, g in enumerate(layer_map(len(s_layers), len(t_layers), mode)):
+        s_layers[j].load_state_dict(t_layers[g - 1].state_dict())
+    if getattr(student_encoder, "pooler", None) is not None and getattr(teacher_encoder, "pooler", None) is not None:
+        student_encoder.pooler.load_state_dict(teacher_encoder.pooler.state_dict())
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def save_model(model: EncoderClassifier, directory: str | os.PathLike, extra: dict | None = None) -> None:
+    """``model.safetensors`` (weights) + ``model.json`` (architecture), loadable offline."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(d / "model.safetensors"))
+    meta = {
+        "kind": "student" if isinstance(model, Student) else "teacher",
+        "encoder_config": model.encoder.config.to_dict(),
+        "num_labels": model.num_labels, "num_domains": model.num_domains, "multitask": model.multitask,
+        "teacher_hidden": getattr(model, "teacher_hidden", None), **(extra or {}),
+    }
+    (d / "model.json").write_text(json.dumps(meta, indent=1, default=str))
+
+
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> EncoderClassifier:
+    d = Path(directory)
+    if not (d / "model.json").is_file():
+        raise FileNotFoundError(f"{d}: no model.json (not a metakd checkpoint)")
+    meta = json.loads((d / "model.json").read_text())
+    enc_cfg = dict(meta["encoder_config"])
+    cfg = AutoConfig.for_model(enc_cfg.pop("model_type"), **enc_cfg)
+    encoder = AutoModel.from_config(cfg, attn_implementation="eager")
+    if meta["kind"] == "student":
+        model = Student(encoder, meta["num_labels"], meta["num_domains"], meta["teacher_hidden"])
+    else:
+        model = EncoderClassifier(encoder, meta["num_labels"], meta["num_domains"], meta["multitask"])
+    model.load_state_dict(load_file(str(d / "model.safetensors")))
+    return model.to(device)
+
+
+def read_model_meta(directory: str | os.PathLike) -> dict:
+    return json.loads((Path(directory) / "model.json").read_text())
+
+
+# ----------------------------------------------------------------------------- inference latency
+
+
+@torch.no_grad()
+def measure_latency(model: EncoderClassifier, batch: dict, batch_sizes=(1, 32), repeats: int = 5) -> dict[int, float]:
+    """Milliseconds per example of a forward pass, on the model's device, for each batch size.
+
+    ``batch`` holds at least max(batch_sizes) examples... or fewer, then they are repeated.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    n = len(batch["input_ids"])
+    out = {}
+    for bs in batch_sizes:
+        idx = torch.arange(bs) % n
+        inputs = {k: batch[k][idx].to(device) for k in ("input_ids", "attention_mask", "token_type_ids", "domains")}
+        model(**inputs)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(**inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out[bs] = (time.perf_counter() - start) * 1000 / (repeats * bs)
+    return out

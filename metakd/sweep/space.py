@@ -1,0 +1,95 @@
+"""The ``search`` section -> a Tune search: an Optuna define-by-run space, or a grid.
+
+Trial configs hold the searched values under their YAML names (``gamma2``,
+``distill.stage1_lr``, ...). Choice values that are not scalars (an explicit student
+config) travel as JSON strings, because Optuna only stores scalar categories.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+from ..config import ExperimentConfig, ParamSpec, from_dict, resolve_param_path, set_path
+
+
+def encode_value(value):
+    return value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value, sort_keys=True)
+
+
+def decode_value(value):
+    if isinstance(value, str) and value[:1] in "{[":
+        return json.loads(value)
+    return value
+
+
+def ordered_params(params: dict[str, ParamSpec]) -> list[str]:
+    """Conditions first: a parameter is suggested after the one its ``when`` refers to."""
+    order: list[str] = []
+
+    def visit(name: str, seen: tuple = ()) -> None:
+        if name in order:
+            return
+        if name in seen:
+            raise ValueError(f"search.params.{name}.when: circular condition")
+        spec = params[name]
+        if spec.when:
+            visit(next(iter(spec.when)), seen + (name,))
+        order.append(name)
+
+    for name in params:
+        visit(name)
+    return order
+
+
+class DefineByRun:
+    """Optuna define-by-run space: ``space(trial)`` suggests every (active) parameter."""
+
+    def __init__(self, params: dict[str, ParamSpec]):
+        self.params = params
+        self.order = ordered_params(params)
+
+    def __call__(self, trial) -> None:
+        chosen: dict = {}
+        for name in self.order:
+            spec = self.params[name]
+            if spec.when:
+                (other, wanted), = spec.when.items()
+                if other not in chosen or decode_value(chosen[other]) != wanted:
+                    continue
+            if spec.type == "uniform":
+                chosen[name] = trial.suggest_float(name, spec.low, spec.high)
+            elif spec.type == "loguniform":
+                chosen[name] = trial.suggest_float(name, spec.low, spec.high, log=True)
+            elif spec.type == "int":
+                chosen[name] = trial.suggest_int(name, int(spec.low), int(spec.high))
+            else:
+                chosen[name] = trial.suggest_categorical(name, [encode_value(v) for v in spec.values])
+
+
+def grid_space(params: dict[str, ParamSpec]) -> dict:
+    from ray import tune
+
+    return {name: tune.grid_search([encode_value(v) for v in spec.values]) for name, spec in params.items()}
+
+
+def make_search(cfg: ExperimentConfig, seed: int = 0):
+    """(param_space, search_alg) for the Tuner."""
+    s = cfg.search
+    if s.algorithm == "grid":
+        return grid_space(s.params), None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=seed) if s.algorithm == "optuna" and s.sampler == "tpe" \
+        else optuna.samplers.RandomSampler(seed=seed)
+    return {}, OptunaSearch(space=DefineByRun(s.params), metric=s.metric, mode=s.mode, sampler=sampler)
+
+
+def trial_config(base: dict, searched: dict) -> ExperimentConfig:
+    """The resolved experiment of one trial: the base YAML with the searched values applied."""
+    cfg = from_dict(copy.deepcopy(base))
+    for name, value in searched.items():
+        set_path(cfg, resolve_param_path(name), decode_value(value))
+    cfg.search = None
+    return cfg.validate()

@@ -1,0 +1,180 @@
+"""``metakd sweep``: a Ray Tune ``Tuner`` whose trials run Ray Train ``TorchTrainer`` fits.
+
+The three roles of Ray's Tune-over-Train pattern, under these names:
+- per-worker functions: ``metakd.train.teacher.teacher_worker`` / ``metakd.train.student.student_worker``;
+- per-trial driver: :func:`trial_driver` (a Tune function trainable) that makes sure the trial's
+  teachers exist (training the missing ones, once per sweep) and fits its students, with
+  metrics forwarded to Tune by ``TuneReportCallback``;
+- the Tuner: :func:`run_sweep`, deterministic run name, resumed with ``Tuner.restore``.
+
+Layout under ``<storage>/<name>/``: ``data/`` and ``teachers/`` (content-addressed artifacts),
+``results/`` and ``curves/`` (Parquet, one part per trial), ``tune/`` (Tune's experiment
+state), ``train/`` (Ray Train run state), ``events/`` (one file per teacher training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .. import analysis, results
+from ..config import ExperimentConfig, ResourcesConfig
+from ..storage import Store, is_uri
+from ..train.experiment import count_teacher_trainings, curve_rows, result_rows, run_experiment
+from ..train.ray_runner import RayRunner
+from .registry import RayRegistry, registry_actor
+from .space import make_search, trial_config
+
+DRIVER_RESOURCE = "trial_driver"
+
+
+def sweep_root(storage: str, name: str) -> str:
+    if is_uri(storage):
+        return f"{storage.rstrip('/')}/{name}"
+    return str(Path(os.path.expanduser(storage)).resolve() / name)
+
+
+def trial_driver(params: dict, base: dict, sweep: str, root: str) -> None:
+    """Per-trial driver (Tune function trainable): one configuration, all its seeds and methods."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(base, params)
+    resources = ResourcesConfig(**base["search"]["resources"])
+    store = Store(root)
+    registry = RayRegistry(registry_actor(sweep), owner=trial_id)
+    runner = RayRunner(resources, storage_path=f"{root}/train", run_prefix=trial_id,
+                       student_callbacks=[TuneReportCallback()])
+    log = lambda msg: print(f"[{trial_id}] {msg}", flush=True)  # noqa: E731
+    log("config: " + json.dumps(params, sort_keys=True))
+    try:
+        out = run_experiment(cfg, store, registry, runner, log)
+    except Exception:
+        results.write_part(root, _failed_rows(cfg, sweep, trial_id, params), trial_id)
+        raise
+    finally:
+        registry.close()
+    results.write_part(root, result_rows(cfg, sweep, trial_id, out["students"], params), trial_id)
+    results.write_part(root, curve_rows(sweep, trial_id, out["students"], out["teachers_trained"]), trial_id, "curves")
+    from ..train.student import running_metrics
+
+    final = running_metrics(out["students"], cfg.methods)
+    tune.report({**final, "teachers_trained": len(out["teachers_trained"]), "done": True})
+
+
+def _failed_rows(cfg: ExperimentConfig, sweep: str, trial_id: str, params: dict) -> list[dict]:
+    """One row per (seed, method) marking the trial failed, so the table shows what is missing."""
+    stub = [{"method": m, "domain": None, "seed": seed, "dev_accuracy": None, "test_accuracy": None,
+             "dev_loss": None, "test_loss": None} for seed in cfg.seeds for m in cfg.methods]
+    return result_rows(cfg, sweep, trial_id, stub, params, status="failed")
+
+
+def connect(address: str | None, resources: ResourcesConfig) -> str:
+    """Join the running cluster (inside ``ray job submit`` or with --address), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return f"connected to {address}"
+    cpus = os.cpu_count() or 2
+    # Trial drivers take a custom resource instead of a CPU: with 2 cores, drivers holding CPUs
+    # would starve their own Train workers (WorkerGroupStartupTimeoutError, retried forever).
+    ray.init(address="local", num_cpus=cpus, num_gpus=None, resources={DRIVER_RESOURCE: 1000},
+             include_dashboard=False, log_to_driver=True)
+    return f"started a local Ray instance ({cpus} CPUs)"
+
+
+def driver_resources() -> dict:
+    import ray
+
+    if ray.cluster_resources().get(DRIVER_RESOURCE, 0) >= 1:
+        return {DRIVER_RESOURCE: 1}
+    print(f"warning: the cluster advertises no '{DRIVER_RESOURCE}' resource (start the head with "
+          f"--resources='{{\"{DRIVER_RESOURCE}\": 1000}}'); each trial driver takes 1 CPU instead", flush=True)
+    return {"CPU": 1}
+
+
+def build_tuner(cfg: ExperimentConfig, sweep: str, root: str):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = cfg.search
+    base = cfg.to_dict()
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_driver, base=base, sweep=sweep, root=root), driver_resources())
+    tune_dir = f"{root}/tune"
+    if tune.Tuner.can_restore(tune_dir):
+        print(f"resuming sweep '{sweep}' from {tune_dir}", flush=True)
+        return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    param_space, search_alg = make_search(cfg)
+    scheduler = None
+    if s.scheduler is not None:
+        # one report per finished student; max_t only caps the rungs
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=10_000,
+                                  grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor)
+    tune_config = tune.TuneConfig(
+        metric=s.metric, mode=s.mode, search_alg=search_alg, scheduler=scheduler, num_samples=s.num_samples,
+        max_concurrent_trials=s.resources.max_concurrent_trials,
+    )
+    run_config = tune.RunConfig(name="tune", storage_path=root, verbose=1,
+                                failure_config=tune.FailureConfig(max_failures=0))
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def run_sweep(cfg: ExperimentConfig, address: str | None = None, storage: str | None = None,
+              name: str | None = None, yaml_path: str | None = None) -> int:
+    sweep = name or cfg.name
+    storage = storage or cfg.search.storage
+    if not is_uri(storage) and (address or os.environ.get("RAY_ADDRESS")) and not storage.startswith("/"):
+        print(f"note: storage '{storage}' is a relative local path; on a multi-node cluster use shared "
+              f"storage (s3://, gs://, or an NFS path mounted on every node)", flush=True)
+    cfg.search.storage = storage
+    root = sweep_root(storage, sweep)
+    start = time.perf_counter()
+    print(f"metakd sweep '{sweep}' ({yaml_path or 'config'}): {cfg.search.algorithm}, "
+          f"{len(cfg.search.params)} searched parameters {sorted(cfg.search.params)}, methods {cfg.methods}, "
+          f"seeds {cfg.seeds}; storage {root}", flush=True)
+    print(connect(address, cfg.search.resources), flush=True)
+    import ray
+
+    actor = registry_actor(sweep)
+    ray.get(actor.reset.remote())
+    tuner = build_tuner(cfg, sweep, root)
+    grid = tuner.fit()
+    errors = [r for r in grid if r.error is not None]
+    print_summary(cfg, sweep, root, grid, time.perf_counter() - start)
+    if errors:
+        print(f"{len(errors)} trial(s) failed; rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_summary(cfg: ExperimentConfig, sweep: str, root: str, grid, seconds: float) -> None:
+    s = cfg.search
+    print(f"\n=== sweep '{sweep}' finished in {seconds:.0f}s: {len(grid)} trials ===")
+    try:
+        best = grid.get_best_result(metric=s.metric, mode=s.mode, filter_nan_and_inf=True)
+        print(f"best configuration ({s.metric} = {best.metrics.get(s.metric, float('nan')):.2%}): "
+              f"{json.dumps(best.config, sort_keys=True)}")
+    except (RuntimeError, KeyError, AttributeError) as e:
+        print(f"no best configuration ({e})")
+    try:
+        df = results.load(root)
+    except FileNotFoundError:
+        print("no results written")
+        return
+    for split in ("dev", "test"):
+        try:
+            table = analysis.pivot_main_table(analysis.main_table(df, split=split))
+            print(f"\nper-method {split} accuracy (%), mean ± std over trials and seeds:\n{table.to_string()}")
+        except ValueError as e:
+            print(f"no {split} table: {e}")
+    print(f"\nteacher trainings so far in this sweep: {count_teacher_trainings(Store(root))}; "
+          f"results: {root}/results/  (metakd results {root})")

@@ -1,0 +1,61 @@
+"""``metakd run``: one experiment in-process (or on a local Ray instance) and its accuracy table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from .. import analysis, results
+from ..config import ExperimentConfig
+from ..storage import Store
+from .experiment import LocalRegistry, LocalRunner, curve_rows, result_rows, run_experiment
+
+
+def run_local(cfg: ExperimentConfig, root: str | None = None, use_ray: bool = False, log=print) -> dict:
+    """Run ``cfg`` with its artifacts under ``root`` (default ``<output_dir>/<name>``); returns the run dict."""
+    root = root or str(Path(cfg.output_dir) / cfg.name)
+    store = Store(root)
+    if use_ray:
+        import ray
+
+        from .ray_runner import RayRunner
+
+        if not ray.is_initialized():
+            ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        runner = RayRunner(cfg.search.resources if cfg.search else _default_resources(), str(store.local_root / "ray"),
+                           cfg.name)
+    else:
+        runner = LocalRunner()
+    out = run_experiment(cfg, store, LocalRegistry(), runner, log)
+    out["rows"] = result_rows(cfg, cfg.name, "run", out["students"])
+    results.write_part(root, out["rows"], "run")
+    results.write_part(root, curve_rows(cfg.name, "run", out["students"], out["teachers_trained"]), "run", "curves")
+    out["root"] = root
+    return out
+
+
+def _default_resources():
+    from ..config import ResourcesConfig
+
+    return ResourcesConfig()
+
+
+def format_table(rows: list[dict], split: str = "test") -> str:
+    table = analysis.pivot_main_table(analysis.main_table(pd.DataFrame(rows), split=split))
+    return f"{split} accuracy (%), mean ± std over seeds\n" + table.to_string()
+
+
+def run_and_report(cfg: ExperimentConfig, use_ray: bool = False) -> int:
+    start = time.perf_counter()
+    print(f"metakd run '{cfg.name}': methods {', '.join(cfg.methods)}; seeds {cfg.seeds}; "
+          f"teacher {cfg.teacher.label()}, student {cfg.student.label()}", flush=True)
+    out = run_local(cfg, use_ray=use_ray)
+    print()
+    print(format_table(out["rows"], "dev"))
+    print()
+    print(format_table(out["rows"], "test"))
+    print(f"\n{len(out['students'])} students, {len(out['teachers_trained'])} teachers trained, "
+          f"{time.perf_counter() - start:.0f}s; results in {out['root']}/results/")
+    return 0
