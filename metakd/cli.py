@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .config import ConfigError, load_experiment, load_sweep
+from .config import ConfigError, check_local_paths, load_experiment, load_sweep, load_yaml
 
 
 def _quiet_env() -> None:
@@ -17,7 +17,8 @@ def _quiet_env() -> None:
 
 
 def cmd_validate(args) -> int:
-    loader = load_experiment if args.experiment else load_sweep
+    # a file with a search section is a sweep; without one, an experiment for `metakd run`
+    loader = load_sweep if "search" in load_yaml(args.yaml) else load_experiment
     cfg = loader(args.yaml)
     kind = "experiment" if cfg.search is None else f"sweep ({len(cfg.search.params)} searched parameters)"
     print(f"{args.yaml}: ok - {kind} '{cfg.name}', methods {', '.join(cfg.methods)}, seeds {cfg.seeds}")
@@ -28,6 +29,7 @@ def cmd_run(args) -> int:
     from .train.run import run_and_report
 
     cfg = load_experiment(args.yaml)
+    check_local_paths(cfg)
     if args.output_dir:
         cfg.output_dir = args.output_dir
     return run_and_report(cfg, use_ray=args.ray)
@@ -37,6 +39,8 @@ def cmd_sweep(args) -> int:
     from .sweep.tuner import run_sweep
 
     cfg = load_sweep(args.yaml)
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        check_local_paths(cfg)  # on a cluster the data path lives on the cluster
     return run_sweep(cfg, address=args.address, storage=args.storage, name=args.name, yaml_path=args.yaml)
 
 
@@ -59,9 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="override the sweep name (the YAML's name)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("validate", help="check a sweep (or --experiment) YAML without running anything")
+    p = sub.add_parser("validate", help="check a sweep or experiment YAML without running anything")
     p.add_argument("yaml")
-    p.add_argument("--experiment", action="store_true", help="the file is an experiment YAML (no search section)")
     p.set_defaults(func=cmd_validate)
 
     cli_report.register(sub)

@@ -100,9 +100,6 @@ class DataConfig:
         _check_choice(self.source, ("synthetic", "amazon", "files", "hf"), where, "source")
         if self.source != "synthetic" and not self.path:
             raise ConfigError(f"{where}.path: required for source '{self.source}' (got nothing)")
-        if self.source in ("amazon", "files") and self.path and "://" not in self.path:
-            if not Path(os.path.expanduser(self.path)).exists():
-                raise ConfigError(f"{where}.path: '{self.path}' does not exist (source '{self.source}' reads local files)")
         _check(
             isinstance(self.sample_rate, (int, float)) and 0 < self.sample_rate <= 1,
             where, "sample_rate", self.sample_rate, "a number in (0, 1]",
@@ -363,6 +360,15 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
+def check_local_paths(cfg: ExperimentConfig) -> None:
+    """Refuse a missing local data path before anything runs (on this machine, not on a cluster)."""
+    d = cfg.data
+    if d.source in ("amazon", "files") and d.path and "://" not in d.path:
+        if not Path(os.path.expanduser(d.path)).exists():
+            raise ConfigError(f"data.path: '{d.path}' does not exist (source '{d.source}' reads local files; "
+                              f"relative paths are resolved from {os.getcwd()})")
+
+
 def check_layer_mapping(teacher: ModelConfig, student: ModelConfig, mode: str, where: str) -> None:
     """Refuse (before training) student/teacher layer counts that layer_map cannot map."""
     t, s = teacher.sizes(), student.sizes()
@@ -572,7 +578,7 @@ def from_dict(raw: dict, *, require_search: bool = False, source: str = "<dict>"
             raw[section] = {"preset": default, **value}  # only training settings given
     cfg = _build(ExperimentConfig, raw, "")
     if require_search and cfg.search is None:
-        raise ConfigError(f"{source}: search: missing; a sweep YAML needs a search section (see README)")
+        raise ConfigError("search: missing; a sweep YAML needs a search section (see README)")
     return cfg.validate()
 
 

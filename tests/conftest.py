@@ -1,0 +1,20 @@
+"""Shared fixtures of the training / model / CLI tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def single_thread_torch():
+    """Run a module's tiny models on one intra-op thread, then restore the setting.
+
+    For models this small, thread start-up and synchronisation cost more than they save, and
+    on a small machine that is busy with other work, several OpenMP threads spin-waiting
+    against each other can make a few-second training run take minutes.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
