@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from .errors import DataError
 from .config import ConfigError, check_local_paths, load_experiment, load_sweep, load_yaml
 
 
@@ -79,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
-        if type(e).__name__ in ("DataError",) or isinstance(e, FileNotFoundError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a missing file, or a checkpoint / dataset that cannot be loaded offline
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -354,6 +355,7 @@ class ExperimentConfig:
                                   f"the teacher's {t[1]}; copying layers needs equal hidden sizes")
         if self.search is not None:
             self.search.validate("search")
+            _validate_candidates(self)
         return self
 
     def to_dict(self) -> dict:
@@ -445,21 +447,19 @@ def _validate_param(name: str, spec: ParamSpec, where: str, search: SearchConfig
         if other not in search.params or other == name:
             raise ConfigError(f"{where}.when: '{other}' is not another searched parameter "
                               f"(have {sorted(search.params)})")
-    # every candidate must make a valid experiment
-    for value in spec.values or [spec.low, spec.high]:
-        probe = ExperimentConfig()
-        try:
-            set_path(probe, path, value)
-            _validate_value(probe, path)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: value {value!r} is invalid: {e}") from None
 
-
-def _validate_value(cfg: ExperimentConfig, path: str) -> None:
-    section = path.split(".")[0]
-    obj = getattr(cfg, section)
-    if hasattr(obj, "validate"):
-        obj.validate(section)
+def _validate_candidates(cfg: "ExperimentConfig") -> None:
+    """Every searched candidate, applied to *this* sweep's config, must make a valid experiment."""
+    for name, spec in cfg.search.params.items():
+        path = resolve_param_path(name)
+        for value in spec.values or [spec.low, spec.high]:
+            probe = copy.deepcopy(cfg)
+            probe.search = None
+            try:
+                set_path(probe, path, value)
+                probe.validate()
+            except ConfigError as e:
+                raise ConfigError(f"search.params.{name}: value {value!r} is invalid: {e}") from None
 
 
 def get_path(cfg: Any, path: str) -> Any:
@@ -534,7 +534,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not isinstance(value, (int, float)):
             # YAML 1.1 reads "5e-5" as a string; accept numeric strings
             try:
                 return float(value)
@@ -563,6 +565,16 @@ def _build(cls: type, raw: dict, path: str) -> Any:
     return cls(**kwargs)
 
 
+def _refuse_preset_typo(name: str, section: str) -> None:
+    """'tiny-teachr' would otherwise be tried as a hub id, and fail only after network retries."""
+    if "/" in name or os.path.exists(os.path.expanduser(name)):
+        return
+    close = difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.8)
+    if close:
+        raise ConfigError(f"{section}: {name!r} is neither a preset nor a local path; did you mean the preset "
+                          f"{close[0]!r}? (presets: {', '.join(sorted(PRESETS))})")
+
+
 _MODEL_SOURCE_KEYS = {"preset", "checkpoint", "layers", "hidden", "heads", "intermediate"}
 
 
@@ -574,6 +586,9 @@ def from_dict(raw: dict, *, require_search: bool = False, source: str = "<dict>"
         value = raw.get(section)
         if isinstance(value, str):  # shorthand: teacher: bert-base
             raw[section] = {"preset": value} if value in PRESETS else {"checkpoint": value}
+        model = raw.get(section)
+        if isinstance(model, dict) and isinstance(model.get("checkpoint"), str):
+            _refuse_preset_typo(model["checkpoint"], section)
         elif isinstance(value, dict) and not set(value) & _MODEL_SOURCE_KEYS:
             raw[section] = {"preset": default, **value}  # only training settings given
     cfg = _build(ExperimentConfig, raw, "")

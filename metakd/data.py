@@ -62,8 +62,7 @@ _HF_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "p
 _INT_RE = re.compile(r"\s*[-+]?\d+\s*")
 
 
-class DataError(ValueError):
-    """The data cannot be used as configured; the message names the field or file and what was expected."""
+from .errors import DataError  # noqa: E402  (re-exported: metakd.data.DataError)
 
 
 # ----------------------------------------------------------------------------- containers

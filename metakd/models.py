@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, BertConfig
+from transformers.utils import logging as hf_logging
 
 from .config import ConfigError, ModelConfig
 from .losses import layer_map
@@ -57,6 +58,7 @@ def encoder_config(spec: ModelConfig, vocab_size: int, max_length: int):
 
 
 def build_encoder(spec: ModelConfig, vocab_size: int, max_length: int) -> nn.Module:
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per teacher/student floods sweep logs
     # eager attention: SDPA refuses output_attentions=True, which distillation needs
     if spec.checkpoint:
         return AutoModel.from_pretrained(spec.checkpoint, attn_implementation="eager")

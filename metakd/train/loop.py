@@ -21,6 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .runtime import LocalRuntime, unwrap
 
+LOG_EVERY_S = 30.0
 BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "domains", "index")
 
 
@@ -118,7 +119,7 @@ def train_stage(
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         model.train()
-        running, n = 0.0, 0
+        running, n, last_log = 0.0, 0, time.perf_counter()
         for batch in train_loader:
             loss = loss_step(model, to_device(batch, device))
             opt.zero_grad(set_to_none=True)
@@ -129,6 +130,10 @@ def train_stage(
             running += float(loss.detach())
             n += 1
             step += 1
+            if time.perf_counter() - last_log > LOG_EVERY_S:  # long epochs: show they are moving
+                last_log = time.perf_counter()
+                runtime.log(f"[{tag}] {settings.name} epoch {epoch + 1}/{settings.epochs} "
+                            f"step {n}/{len(train_loader)} loss {running / n:.4f}")
         dev = evaluate(model, dev_loader, domain_names, device)["average"] if dev_loader is not None else float("nan")
         point = {"stage": settings.name, "epoch": epoch + 1, "step": step, "train_loss": running / max(n, 1),
                  "dev_accuracy": dev, "seconds": time.perf_counter() - t0}

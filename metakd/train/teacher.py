@@ -143,7 +143,10 @@ def train_one_teacher(spec: TeacherSpec, cfg: ExperimentConfig, prepared, runtim
                          runtime, tag)
     summary = {"key": spec.key, "kind": spec.kind, "domain": spec.domain, "seed": spec.seed,
                "dev_accuracy": result.best_dev, "train_seconds": result.seconds, "curve": result.curve,
-               "params": unwrap(model).num_parameters(), "domains": domains}
+               "params": unwrap(model).num_parameters(), "domains": domains,
+               # DDP: each rank sees its shard (DistributedSampler), recorded so tests can check it
+               "world_size": runtime.world_size, "train_examples": len(train_loader.dataset),
+               "rank_examples": len(getattr(train_loader, "sampler", train_loader.dataset))}
     if runtime.is_main:
         save_model(unwrap(model), out_dir, extra={"teacher_key": spec.key})
         if all_scores is not None:
