@@ -44,12 +44,14 @@ def experiment(data_dir: str, seeds: list[int], max_length: int) -> dict:
         "seeds": seeds,
         "device": "cpu",
         "output_dir": str(ROOT / "runs" / "benchmarks"),
-        "data": {"source": "amazon", "path": data_dir, "max_length": max_length},
-        "teacher": {"checkpoint": minilm_dir(), "epochs": 1, "lr": 5e-5, "batch_size": 32},
-        "student": {"layers": 2, "hidden": 384, "heads": 12, "intermediate": 1536, "init_from_teacher": True},
+        "data": {"source": "amazon", "path": data_dir, "max_length": max_length, "truncation": "head_tail"},
+        # all-MiniLM-L6-v2 was trained as a mean-pooled sentence encoder: classify its mean-pooled states
+        "teacher": {"checkpoint": minilm_dir(), "epochs": 1, "lr": 1e-4, "batch_size": 32, "pooling": "mean"},
+        "student": {"layers": 2, "hidden": 384, "heads": 12, "intermediate": 1536, "init_from_teacher": True,
+                    "pooling": "mean"},
         "meta_teacher": {"gamma1": 0.5, "alpha": 0.5},
         "distill": {"gamma2": 0.5, "schedule": "two_stage", "stage1_epochs": 1, "stage1_lr": 1e-4,
-                    "stage2_epochs": 1, "stage2_lr": 5e-5, "epochs": 2, "lr": 5e-5, "batch_size": 32},
+                    "stage2_epochs": 1, "stage2_lr": 1e-4, "epochs": 2, "lr": 1e-4, "batch_size": 32},
     }
 
 

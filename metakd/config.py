@@ -93,6 +93,8 @@ class DataConfig:
     num_labels: int | None = _help("number of classes (None: inferred from the data)", default=None)
     sample_rate: float = _help("fraction of each domain's training split kept, in (0, 1]", default=1.0)
     max_length: int = _help("maximum sequence length in tokens", default=64)
+    truncation: str = _help("head (first tokens) | head_tail (first quarter + last three quarters of the "
+                            "budget; single texts, e.g. long reviews)", default="head")
     split_seed: int = _help("seed of the train/dev/test split (fixed across training seeds)", default=1234)
     vocab_size: int = _help("WordPiece vocabulary trained for randomly initialised models", default=2000)
     synthetic: SyntheticConfig = _help("generated corpus settings (source: synthetic)", default_factory=SyntheticConfig)
@@ -105,6 +107,7 @@ class DataConfig:
             isinstance(self.sample_rate, (int, float)) and 0 < self.sample_rate <= 1,
             where, "sample_rate", self.sample_rate, "a number in (0, 1]",
         )
+        _check_choice(self.truncation, ("head", "head_tail"), where, "truncation")
         _check(8 <= self.max_length <= 4096, where, "max_length", self.max_length, "an integer in [8, 4096]")
         _check(self.num_labels is None or self.num_labels >= 2, where, "num_labels", self.num_labels, "None or >= 2")
         _check(self.vocab_size >= 100, where, "vocab_size", self.vocab_size, "an integer >= 100")
@@ -127,8 +130,11 @@ class ModelConfig:
     init_from_teacher: bool = _help(
         "student only: copy the teacher's embeddings and a layer-mapped subset of its layers "
         "(needs the same hidden size)", default=False)
+    pooling: str = _help("classifier input: cls (BERT's pooler, the paper) | mean (mean of token states, "
+                         "for sentence-embedding checkpoints such as all-MiniLM-L6-v2)", default="cls")
 
     def validate(self, where: str) -> None:
+        _check_choice(self.pooling, ("cls", "mean"), where, "pooling")
         explicit = [self.layers, self.hidden, self.heads, self.intermediate]
         given = sum(x is not None for x in (self.preset, self.checkpoint)) + (any(v is not None for v in explicit))
         if given != 1:
@@ -575,7 +581,7 @@ def _refuse_preset_typo(name: str, section: str) -> None:
                           f"{close[0]!r}? (presets: {', '.join(sorted(PRESETS))})")
 
 
-_MODEL_SOURCE_KEYS = {"preset", "checkpoint", "layers", "hidden", "heads", "intermediate"}
+_MODEL_SOURCE_KEYS = {"preset", "checkpoint", "layers", "hidden", "heads", "intermediate"}  # not pooling
 
 
 def from_dict(raw: dict, *, require_search: bool = False, source: str = "<dict>") -> ExperimentConfig:

@@ -624,10 +624,28 @@ class EncodedSplit(Dataset):
         return cls(**{f: d[f] for f in cls.FIELDS})
 
 
-def encode(split: TextSplit, tokenizer: Any, max_length: int, batch_size: int = 2048) -> EncodedSplit:
-    """Tokenise (pairs when ``split.text_pairs``), truncate and pad to ``max_length``."""
+def encode(split: TextSplit, tokenizer: Any, max_length: int, batch_size: int = 2048,
+           truncation: str = "head") -> EncodedSplit:
+    """Tokenise (pairs when ``split.text_pairs``), truncate and pad to ``max_length``.
+
+    ``truncation="head_tail"`` (single texts) keeps the first quarter and the last three
+    quarters of the token budget of a long text (Sun et al. 2019): reviews often end with the verdict.
+    """
     n = len(split)
     cols = {f: torch.zeros((n, max_length), dtype=torch.long) for f in ("input_ids", "attention_mask", "token_type_ids")}
+    if truncation == "head_tail" and split.text_pairs is None:
+        budget = max_length - 2
+        head = budget // 4
+        ids = tokenizer(split.texts, add_special_tokens=False, truncation=False)["input_ids"]
+        for i, toks in enumerate(ids):
+            if len(toks) > budget:
+                toks = toks[:head] + toks[len(toks) - (budget - head):]
+            row = [tokenizer.cls_token_id, *toks, tokenizer.sep_token_id]
+            cols["input_ids"][i, :len(row)] = torch.tensor(row)
+            cols["attention_mask"][i, :len(row)] = 1
+        cols["input_ids"][cols["attention_mask"] == 0] = tokenizer.pad_token_id
+        return EncodedSplit(**cols, labels=torch.from_numpy(split.labels.copy()),
+                            domains=torch.from_numpy(split.domains.copy()))
     for start in range(0, n, batch_size):
         end = min(n, start + batch_size)
         enc = tokenizer(split.texts[start:end], None if split.text_pairs is None else split.text_pairs[start:end],
@@ -671,6 +689,7 @@ def data_key(cfg: Any, seed: int, checkpoint: str | None, vocab_size: int | None
     hashed: edit data under the same path -> bump the path or clear the cache."""
     d: dict[str, Any] = {f: getattr(cfg, f) for f in ("source", "domains", "num_labels", "sample_rate",
                                                          "max_length", "split_seed")}
+    d["truncation"] = getattr(cfg, "truncation", "head")
     if cfg.source == "synthetic":
         d["synthetic"] = {f: getattr(cfg.synthetic, f) for f in _SYNTH_FIELDS}
     else:
@@ -704,7 +723,8 @@ def prepare(cfg: Any, seed: int, checkpoint: str | None, cache_dir: str | os.Pat
 
     corpus = full.train.texts + (full.train.text_pairs or [])
     tokenizer = build_tokenizer(corpus, checkpoint, vocab_size)
-    encoded = {s: encode(getattr(data, s), tokenizer, cfg.max_length) for s in SPLITS}
+    truncation = getattr(cfg, "truncation", "head")
+    encoded = {s: encode(getattr(data, s), tokenizer, cfg.max_length, truncation=truncation) for s in SPLITS}
     prepared = PreparedData(data=data, tokenizer=tokenizer, key=key, **encoded)
     if target is not None:
         _write_cache(target, prepared)

@@ -73,9 +73,11 @@ class EncoderClassifier(nn.Module):
     an example come from its own domain's head.
     """
 
-    def __init__(self, encoder: nn.Module, num_labels: int, num_domains: int, multitask: bool = False):
+    def __init__(self, encoder: nn.Module, num_labels: int, num_domains: int, multitask: bool = False,
+                 pooling: str = "cls"):
         super().__init__()
         self.encoder = encoder
+        self.pooling = pooling
         hidden = encoder.config.hidden_size
         self.num_labels, self.num_domains, self.multitask = num_labels, num_domains, multitask
         self.dropout = nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1))
@@ -98,11 +100,14 @@ class EncoderClassifier(nn.Module):
             output_hidden_states=True, output_attentions=output_states, return_dict=True,
         )
         last = out.last_hidden_state
-        pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else last[:, 0]
+        features = mean_pool(last, attention_mask)
+        if self.pooling == "mean":
+            pooled = features
+        else:
+            pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else last[:, 0]
         logits = self.classifier(self.dropout(pooled))
         if self.multitask:
             logits = logits.view(-1, self.num_domains, self.num_labels)[torch.arange(len(domains)), domains]
-        features = mean_pool(last, attention_mask)
         domain_repr = torch.tanh(self.domain_proj(features + self.domain_embedding(domains)))
         return Output(
             logits=logits, domain_logits=self.domain_head(domain_repr), domain_repr=domain_repr, features=features,
@@ -118,8 +123,8 @@ class EncoderClassifier(nn.Module):
 class Student(EncoderClassifier):
     """A student: its own encoder/heads plus the learned projections W_h, W_d to the teacher's size."""
 
-    def __init__(self, encoder, num_labels, num_domains, teacher_hidden: int):
-        super().__init__(encoder, num_labels, num_domains)
+    def __init__(self, encoder, num_labels, num_domains, teacher_hidden: int, pooling: str = "cls"):
+        super().__init__(encoder, num_labels, num_domains, pooling=pooling)
         h = self.hidden_size
         self.teacher_hidden = teacher_hidden
         self.hidden_proj = nn.Identity() if h == teacher_hidden else nn.Linear(h, teacher_hidden)  # W_h
@@ -128,7 +133,8 @@ class Student(EncoderClassifier):
 
 def build_teacher(spec: ModelConfig, vocab_size: int, max_length: int, num_labels: int, num_domains: int,
                   multitask: bool = False) -> EncoderClassifier:
-    return EncoderClassifier(build_encoder(spec, vocab_size, max_length), num_labels, num_domains, multitask)
+    return EncoderClassifier(build_encoder(spec, vocab_size, max_length), num_labels, num_domains, multitask,
+                             spec.pooling)
 
 
 def build_student(spec: ModelConfig, teacher: EncoderClassifier, vocab_size: int, max_length: int,
@@ -148,7 +154,7 @@ def build_student(spec: ModelConfig, teacher: EncoderClassifier, vocab_size: int
     else:
         encoder = build_encoder(spec, vocab_size, max_length)
     layer_map(encoder.config.num_hidden_layers, teacher.num_layers, layer_map_mode)  # refuse before training
-    return Student(encoder, teacher.num_labels, teacher.num_domains, teacher.hidden_size)
+    return Student(encoder, teacher.num_labels, teacher.num_domains, teacher.hidden_size, spec.pooling)
 
 
 def _layers(encoder: nn.Module) -> nn.ModuleList:
@@ -186,6 +192,7 @@ def save_model(model: EncoderClassifier, directory: str | os.PathLike, extra: di
         "kind": "student" if isinstance(model, Student) else "teacher",
         "encoder_config": model.encoder.config.to_dict(),
         "num_labels": model.num_labels, "num_domains": model.num_domains, "multitask": model.multitask,
+        "pooling": model.pooling,
         "teacher_hidden": getattr(model, "teacher_hidden", None), **(extra or {}),
     }
     (d / "model.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -200,9 +207,9 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     cfg = AutoConfig.for_model(enc_cfg.pop("model_type"), **enc_cfg)
     encoder = AutoModel.from_config(cfg, attn_implementation="eager")
     if meta["kind"] == "student":
-        model = Student(encoder, meta["num_labels"], meta["num_domains"], meta["teacher_hidden"])
+        model = Student(encoder, meta["num_labels"], meta["num_domains"], meta["teacher_hidden"], meta["pooling"])
     else:
-        model = EncoderClassifier(encoder, meta["num_labels"], meta["num_domains"], meta["multitask"])
+        model = EncoderClassifier(encoder, meta["num_labels"], meta["num_domains"], meta["multitask"], meta["pooling"])
     model.load_state_dict(load_file(str(d / "model.safetensors")))
     return model.to(device)
 

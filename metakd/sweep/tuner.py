@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .. import analysis, results
-from ..config import ExperimentConfig, ResourcesConfig
+from ..config import ExperimentConfig, ResourcesConfig, content_hash
 from ..storage import Store, is_uri
 from ..train.experiment import count_teacher_trainings, curve_rows, result_rows, run_experiment
 from ..train.ray_runner import RayRunner
@@ -43,6 +43,9 @@ def trial_driver(params: dict, base: dict, sweep: str, root: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
+    # Parts are named by the configuration, not the trial id: a configuration rerun after a
+    # driver crash (even one Tune had not checkpointed yet) replaces its rows instead of adding.
+    part = f"cfg-{content_hash(params)}"
     cfg = trial_config(base, params)
     resources = ResourcesConfig(**base["search"]["resources"])
     store = Store(root)
@@ -54,12 +57,12 @@ def trial_driver(params: dict, base: dict, sweep: str, root: str) -> None:
     try:
         out = run_experiment(cfg, store, registry, runner, log)
     except Exception:
-        results.write_part(root, _failed_rows(cfg, sweep, trial_id, params), trial_id)
+        results.write_part(root, _failed_rows(cfg, sweep, trial_id, params), part)
         raise
     finally:
         registry.close()
-    results.write_part(root, result_rows(cfg, sweep, trial_id, out["students"], params), trial_id)
-    results.write_part(root, curve_rows(sweep, trial_id, out["students"], out["teachers_trained"]), trial_id, "curves")
+    results.write_part(root, result_rows(cfg, sweep, trial_id, out["students"], params), part)
+    results.write_part(root, curve_rows(sweep, trial_id, out["students"], out["teachers_trained"]), part, "curves")
     from ..train.student import running_metrics
 
     final = running_metrics(out["students"], cfg.methods)
@@ -87,7 +90,7 @@ def connect(address: str | None, resources: ResourcesConfig) -> str:
     # Trial drivers take a custom resource instead of a CPU: with 2 cores, drivers holding CPUs
     # would starve their own Train workers (WorkerGroupStartupTimeoutError, retried forever).
     ray.init(address="local", num_cpus=cpus, num_gpus=None, resources={DRIVER_RESOURCE: 1000},
-             include_dashboard=False, log_to_driver=True)
+             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     return f"started a local Ray instance ({cpus} CPUs)"
 
 
@@ -137,6 +140,8 @@ def run_sweep(cfg: ExperimentConfig, address: str | None = None, storage: str | 
               f"storage (s3://, gs://, or an NFS path mounted on every node)", flush=True)
     cfg.search.storage = storage
     root = sweep_root(storage, sweep)
+    # Save Tune's experiment state often: a driver killed between saves reruns those trials.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     start = time.perf_counter()
     print(f"metakd sweep '{sweep}' ({yaml_path or 'config'}): {cfg.search.algorithm}, "
           f"{len(cfg.search.params)} searched parameters {sorted(cfg.search.params)}, methods {cfg.methods}, "

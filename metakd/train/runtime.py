@@ -47,8 +47,13 @@ class RayRuntime(LocalRuntime):
     """Inside ``TorchTrainer``: DDP model, sharded loaders, ``ray.train.report`` with checkpoints."""
 
     def __init__(self, epoch_checkpoints: bool = True, log=print):
+        import logging
+
         import ray.train
         import ray.train.torch
+
+        # one INFO line per checkpoint and per report drowns the progress lines
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
 
         self._train = ray.train
         self._torch = ray.train.torch

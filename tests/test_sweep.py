@@ -1,0 +1,167 @@
+"""End-to-end sweeps on a local Ray instance: teacher reuse, DDP teachers, Parquet results,
+resume after the driver is killed. Each runs ``metakd sweep`` in a subprocess, as a user would.
+
+These are the slow tests of the suite (about a minute each on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from metakd import results
+from metakd.config import load_sweep
+from metakd.storage import Store
+from metakd.sweep.space import DefineByRun, grid_space, trial_config
+from metakd.train.experiment import count_teacher_trainings
+
+pytestmark = pytest.mark.slow
+
+# Learns in seconds (see tests/test_train.py); 2 domains, tiny models.
+TINY = {
+    "methods": ["metakd"],
+    "seeds": [0, 1],
+    "data": {"source": "synthetic", "domains": ["alpha", "beta"], "max_length": 24, "vocab_size": 400,
+             "synthetic": {"num_domains": 2, "examples_per_domain": 200, "words_per_example": 16,
+                           "shared_vocab": 40, "domain_vocab": 20, "label_noise": 0.0}},
+    "teacher": {"preset": "tiny-teacher", "epochs": 2, "lr": 2e-3, "batch_size": 16},
+    "student": {"preset": "tiny-student"},
+    "distill": {"stage1_epochs": 1, "stage1_lr": 3e-3, "stage2_epochs": 2, "stage2_lr": 3e-3, "batch_size": 16},
+}
+
+
+def write_sweep(tmp_path: Path, name: str, search: dict, **overrides) -> Path:
+    raw = {"name": name, **TINY, **overrides, "search": {"algorithm": "grid", "num_samples": 1, **search}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    load_sweep(path)  # the file itself must be valid
+    return path
+
+
+def sweep_cmd(path: Path, storage: Path) -> list[str]:
+    return [sys.executable, "-m", "metakd.cli", "sweep", str(path), "--storage", str(storage)]
+
+
+def sweep_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def run_sweep(path: Path, storage: Path, timeout: int = 420) -> str:
+    proc = subprocess.run(sweep_cmd(path, storage), capture_output=True, text=True, timeout=timeout, env=sweep_env())
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def test_teachers_are_trained_once_per_seed_with_ddp_and_results_are_tidy(tmp_path):
+    """3 gamma2 values x 2 seeds need exactly 2 meta-teachers; each trained by 2 DDP workers."""
+    path = write_sweep(tmp_path, "reuse", {
+        "params": {"gamma2": {"type": "grid", "values": [0.0, 0.5, 1.0]}},
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 2},
+    })
+    storage = tmp_path / "store"
+    out = run_sweep(path, storage)
+    root = storage / "reuse"
+    store = Store(str(root))
+    assert count_teacher_trainings(store) == 2, out[-3000:]
+    events = [json.loads(p.read_text()) for p in (root / "events" / "teacher_trained").glob("*.json")]
+    assert sorted(e["seed"] for e in events) == [0, 1]
+    for e in events:  # a real 2-rank DDP run: each rank saw half of the training set
+        assert e["world_size"] == 2
+        assert e["rank_examples"] == math.ceil(e["train_examples"] / 2)
+
+    df = results.load(str(root))
+    assert len(df) == 3 * 2 * 2 * 2  # gamma2 x seeds x domains x splits (one method)
+    assert set(df["status"]) == {"ok"}
+    assert sorted(df["gamma2"].unique()) == [0.0, 0.5, 1.0]
+    assert df["teacher_key"].nunique() == 2  # one per seed, shared across gamma2
+    assert df.groupby("seed")["teacher_key"].nunique().tolist() == [1, 1]
+    assert df.duplicated(["trial_id", "seed", "method", "domain", "split"]).sum() == 0
+    assert df["accuracy"].between(0, 1).all() and (df["student_params"] > 0).all()
+    assert (df["latency_ms_b1"] > 0).all() and (df["latency_ms_b32"] > 0).all()
+    assert pq.read_table(str(root / "results")).num_rows == len(df)
+    assert not results.load_curves(str(root)).empty
+    assert "best configuration" in out and "per-method test accuracy" in out
+
+    # a rerun of the finished sweep trains nothing and writes no new rows
+    run_sweep(path, storage)
+    assert count_teacher_trainings(store) == 2
+    assert len(results.load(str(root))) == len(df)
+
+
+def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
+    path = write_sweep(tmp_path, "resume", {
+        "params": {"gamma2": {"type": "grid", "values": [0.0, 0.25, 0.5, 0.75, 1.0]}},
+        "resources": {"max_concurrent_trials": 1},
+    }, seeds=[0])
+    storage = tmp_path / "store"
+    parts = storage / "resume" / "results"
+    proc = subprocess.Popen(sweep_cmd(path, storage), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=sweep_env(), start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(parts.glob("*.parquet"))) < 2:
+        time.sleep(0.5)
+    time.sleep(6)  # let Tune save its experiment state (every 5 s) with the finished trials
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray instance and the trials
+    proc.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
+    assert 2 <= len(before) < 5, f"expected a partial sweep, found {sorted(before)}"
+    trainings = count_teacher_trainings(Store(str(storage / "resume")))
+
+    out = run_sweep(path, storage)
+    assert "resuming sweep" in out
+    after = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
+    assert len(after) == 5
+    rerun = [name for name, mtime in before.items() if after[name] != mtime]
+    assert len(rerun) <= 1, f"finished trials were rerun: {rerun}"  # at most the one Tune had not saved
+    df = results.load(str(storage / "resume"))
+    assert len(df) == 5 * 1 * 2 * 2
+    assert df.duplicated(["gamma2", "seed", "method", "domain", "split"]).sum() == 0
+    assert count_teacher_trainings(Store(str(storage / "resume"))) == trainings  # the teacher was reused
+
+
+def test_search_space_grid_and_define_by_run(tmp_path):
+    cfg = load_sweep(write_sweep(tmp_path, "space", {
+        "algorithm": "optuna", "num_samples": 4,
+        "params": {
+            "gamma1": {"type": "uniform", "low": 0.0, "high": 1.0},
+            "student": {"type": "choice", "values": ["tiny-student",
+                                                     {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64}]},
+            "distill.pred_loss": {"type": "choice", "values": ["kl", "js"]},
+            "distill.temperature": {"type": "loguniform", "low": 0.5, "high": 4.0, "when": {"distill.pred_loss": "kl"}},
+        }}))
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = DefineByRun(cfg.search.params)
+    seen_conditional = set()
+    for _ in range(12):
+        trial = study.ask()
+        space(trial)
+        params = trial.params
+        assert 0.0 <= params["gamma1"] <= 1.0
+        assert ("distill.temperature" in params) == (params["distill.pred_loss"] == "kl")
+        seen_conditional.add("distill.temperature" in params)
+        resolved = trial_config(cfg.to_dict(), params)
+        assert resolved.meta_teacher.gamma1 == params["gamma1"]
+        assert resolved.student.layers in (None, 1)
+        study.tell(trial, 0.5)
+    assert seen_conditional == {True, False}
+
+    grid = grid_space(load_sweep(write_sweep(tmp_path, "g", {
+        "params": {"gamma2": {"type": "grid", "values": [0.0, 0.5]},
+                   "student": {"type": "grid", "values": ["tiny-student", {"layers": 1, "hidden": 32, "heads": 2,
+                                                                           "intermediate": 64}]}}})).search.params)
+    assert grid["gamma2"] == {"grid_search": [0.0, 0.5]}
+    assert grid["student"]["grid_search"][1] == json.dumps({"heads": 2, "hidden": 32, "intermediate": 64, "layers": 1})
