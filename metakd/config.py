@@ -121,7 +121,8 @@ class DataConfig:
 class ModelConfig:
     """A BERT-like encoder: a Hugging Face checkpoint, a size preset, or explicit sizes."""
 
-    preset: str | None = _help(f"size preset, one of {sorted(PRESETS)}", default=None)
+    preset: str | None = _help(f"size preset, one of {sorted(PRESETS)} (without any model field: "
+                               "tiny-teacher for the teacher, tiny-student for the student)", default=None)
     checkpoint: str | None = _help("Hugging Face model id or local directory (pretrained weights)", default=None)
     layers: int | None = _help("number of transformer layers (random init)", default=None)
     hidden: int | None = _help("hidden size (random init)", default=None)
@@ -674,3 +675,20 @@ def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
             default = ""
         rows.append((name, repr(default), f.metadata.get("help", "")))
     return rows
+
+
+def reference_markdown() -> str:
+    """The README's YAML reference table, generated from the dataclasses (a test keeps them equal)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| field | default | meaning |", "| --- | --- | --- |"]
+    for name, default, text in field_docs(ExperimentConfig):
+        if default == "":
+            lines.append(f"| **`{name}`** | | {cell(text)} |")
+        else:
+            lines.append(f"| `{name}` | `{cell(default)}` | {cell(text)} |")
+    lines += ["", "Each entry of `search.params`:", "", "| field | default | meaning |", "| --- | --- | --- |"]
+    for name, default, text in field_docs(ParamSpec):
+        lines.append(f"| `{name}` | `{cell(default)}` | {cell(text)} |")
+    return "\n".join(lines)

@@ -16,6 +16,8 @@ from .teacher import teacher_worker
 # to every short fit.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Train V2 tees print() to stdout and to its logger, which prints every progress line twice.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 class RayRunner:
