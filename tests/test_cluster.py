@@ -1,4 +1,4 @@
-"""The cluster configs in cluster/ and the commands in docs/cluster.md.
+"""The cluster configs in cluster/ and the commands of the README's "Run on a cluster" section.
 
 No cloud, Kubernetes or GPU is needed: every file is parsed and checked for what a broken
 config gets wrong - GPUs not declared, the head without the `trial_driver` resource, the
@@ -20,7 +20,15 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
-DOCS = ROOT / "docs" / "cluster.md"
+README = ROOT / "README.md"
+
+
+def cluster_section() -> str:
+    """The README's "## Run on a cluster" section, up to the next level-2 heading."""
+    text = README.read_text()
+    start = text.index("## Run on a cluster")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
 LAUNCHER = CLUSTER / "ray-cluster.aws.yaml"
 RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
@@ -57,9 +65,9 @@ def normalized_name(requirement: str) -> str:
 
 
 def doc_commands() -> list[str]:
-    """Shell commands of the ```bash blocks of docs/cluster.md, continuation lines joined."""
+    """Shell commands of the ```bash blocks of the README's cluster section, continuation lines joined."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", DOCS.read_text(), flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", cluster_section(), flags=re.S):
         for command in block.replace("\\\n", " ").splitlines():
             command = command.strip()
             if command and not command.startswith("#"):
@@ -416,7 +424,7 @@ def test_sweep_resources_fit_the_cluster_nodes():
 
 
 def test_docs_section_heading_and_token_auth():
-    text = DOCS.read_text()
+    text = cluster_section()
     assert text.startswith("## Run on a cluster\n")
     assert "RAY_AUTH_MODE=token" in text and "~/.ray/auth_token" in text
 
@@ -424,7 +432,7 @@ def test_docs_section_heading_and_token_auth():
 def test_docs_sweep_commands_name_valid_sweeps_and_shared_storage():
     invocations = [(c, sweep_invocation(c)) for c in doc_commands() if "metakd sweep" in c]
     assert len(invocations) >= 2
-    text = DOCS.read_text()
+    text = cluster_section()
     for command, invocation in invocations:
         assert_valid_sweep(invocation["sweep"])
         storage = invocation.get("--storage")
