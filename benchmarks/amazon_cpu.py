@@ -51,7 +51,7 @@ def experiment(data_dir: str, seeds: list[int], max_length: int) -> dict:
                     "pooling": "mean"},
         "meta_teacher": {"gamma1": 0.5, "alpha": 0.5},
         "distill": {"gamma2": 0.5, "schedule": "two_stage", "stage1_epochs": 1, "stage1_lr": 1e-4,
-                    "stage2_epochs": 1, "stage2_lr": 1e-4, "epochs": 2, "lr": 1e-4, "batch_size": 32},
+                    "stage2_epochs": 2, "stage2_lr": 1e-4, "epochs": 3, "lr": 1e-4, "batch_size": 32},
     }
 
 

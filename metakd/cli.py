@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 from .errors import DataError
 from .config import ConfigError, check_local_paths, load_experiment, load_sweep, load_yaml

@@ -214,10 +214,6 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     return model.to(device)
 
 
-def read_model_meta(directory: str | os.PathLike) -> dict:
-    return json.loads((Path(directory) / "model.json").read_text())
-
-
 # ----------------------------------------------------------------------------- inference latency
 
 

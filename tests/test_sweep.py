@@ -166,3 +166,18 @@ def test_search_space_grid_and_define_by_run(tmp_path):
                                                                            "intermediate": 64}]}}})).search.params)
     assert grid["gamma2"] == {"grid_search": [0.0, 0.5]}
     assert grid["student"]["grid_search"][1] == json.dumps({"heads": 2, "hidden": 32, "intermediate": 64, "layers": 1})
+
+
+def test_metakd_run_with_ray_train_workers(tmp_path):
+    """`metakd run --ray`: the same loops as Ray Train workers on a local instance, no Tune."""
+    raw = {"name": "ray_run", **TINY, "seeds": [0], "methods": ["metakd", "student_ft"],
+           "output_dir": str(tmp_path / "runs")}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "metakd.cli", "run", str(path), "--ray"], capture_output=True,
+                          text=True, timeout=420, env=sweep_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "(RayTrainWorker" in proc.stdout + proc.stderr  # the loops really ran as Train workers
+    df = results.load(str(tmp_path / "runs" / "ray_run"))
+    assert len(df) == 2 * 2 * 2  # methods x domains x splits
+    assert "average" in proc.stdout and "metakd" in proc.stdout

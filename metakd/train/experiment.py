@@ -8,6 +8,7 @@ sweep trial; what differs is the *runner* (how worker functions run) and the *re
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import uuid
 from dataclasses import asdict
@@ -112,8 +113,6 @@ def ensure_data(cfg: ExperimentConfig, store: Store, registry: Registry, log=pri
                     prepare(cfg.data, seed, checkpoint, cache_dir=str(store.local_root / "data"),
                             vocab_size=cfg.data.vocab_size)
                 else:
-                    import tempfile
-
                     with tempfile.TemporaryDirectory() as tmp:
                         prepare(cfg.data, seed, checkpoint, cache_dir=tmp, vocab_size=cfg.data.vocab_size)
                         store.publish_dir(f"{tmp}/{rel.split('/', 1)[1]}", rel)
@@ -166,13 +165,6 @@ def run_experiment(cfg: ExperimentConfig, store: Store, registry: Registry, runn
     students = runner.train_students({**common, "jobs": jobs}) if jobs else []
     return {"students": students, "teachers_trained": trained, "teacher_keys": [s.key for s in specs],
             "domains": domains}
-
-
-def teacher_summary(store: Store, key: str) -> dict:
-    try:
-        return store.read_json(f"teachers/{key}/teacher.json")
-    except (FileNotFoundError, OSError):
-        return {}
 
 
 def count_teacher_trainings(store: Store) -> int:

@@ -6,7 +6,6 @@ Methods differ only in ``loss_step(model, batch) -> scalar loss``.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import tempfile
@@ -171,7 +170,3 @@ def _restore(runtime, name) -> dict | None:
         return None
     state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
     return state if state.get("name") == name else None
-
-
-def clone_state(model: torch.nn.Module) -> dict:
-    return copy.deepcopy({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()})

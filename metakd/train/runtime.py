@@ -7,7 +7,6 @@ and multi-worker DDP inside a sweep.
 
 from __future__ import annotations
 
-import os
 import tempfile
 
 import torch
@@ -95,10 +94,3 @@ def make_runtime(kind: str, device: str = "auto", epoch_checkpoints: bool = True
 def unwrap(model):
     """The module inside a DDP wrapper (for evaluation and saving)."""
     return model.module if hasattr(model, "module") else model
-
-
-def set_threads() -> None:
-    # Each Ray worker otherwise starts one thread per core; on small machines that oversubscribes.
-    n = os.environ.get("OMP_NUM_THREADS")
-    if n:
-        torch.set_num_threads(int(n))
