@@ -181,3 +181,31 @@ def test_metakd_run_with_ray_train_workers(tmp_path):
     df = results.load(str(tmp_path / "runs" / "ray_run"))
     assert len(df) == 2 * 2 * 2  # methods x domains x splits
     assert "average" in proc.stdout and "metakd" in proc.stdout
+
+
+def test_optuna_sweep_with_asha_keeps_rows_of_stopped_trials(tmp_path):
+    """Optuna (define-by-run, conditional parameter) + ASHA through Tune; every trial leaves rows."""
+    path = write_sweep(tmp_path, "optuna", {
+        "algorithm": "optuna", "num_samples": 3, "metric": "dev_accuracy", "mode": "max",
+        "params": {"gamma1": {"type": "uniform", "low": 0.0, "high": 1.0},
+                   "distill.pred_loss": {"type": "choice", "values": ["kl", "js"]},
+                   "distill.temperature": {"type": "loguniform", "low": 0.5, "high": 4.0,
+                                           "when": {"distill.pred_loss": "kl"}}},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "resources": {"max_concurrent_trials": 1},
+    }, seeds=[0])
+    storage = tmp_path / "store"
+    out = run_sweep(path, storage)
+    root = str(storage / "optuna")
+    df = results.load(root)
+    params = [json.loads(p) for p in df.drop_duplicates("trial_id")["search_params"]]
+    assert len(params) == 3 and all(0.0 <= p["gamma1"] <= 1.0 for p in params)
+    assert all(("distill.temperature" in p) == (p["distill.pred_loss"] == "kl") for p in params)
+    assert df.groupby("trial_id").size().min() >= 2  # at least one student (dev + test) per trial
+    assert count_teacher_trainings(Store(root)) == 3  # gamma1 differs per trial: 3 meta-teachers
+    assert "best configuration" in out
+
+    from metakd.analysis import search_summary
+
+    best, importances = search_summary(df)
+    assert len(best) == 3 and "gamma1" in set(importances["param"])

@@ -23,7 +23,8 @@ from pathlib import Path
 from .. import analysis, results
 from ..config import ExperimentConfig, ResourcesConfig, content_hash
 from ..storage import Store, is_uri
-from ..train.experiment import count_teacher_trainings, curve_rows, result_rows, run_experiment
+from ..train.experiment import count_teacher_trainings, run_experiment
+from ..train.rows import curve_rows, result_rows
 from ..train.ray_runner import RayRunner
 from .registry import RayRegistry, registry_actor
 from .space import make_search, trial_config
@@ -55,7 +56,8 @@ def trial_driver(params: dict, base: dict, sweep: str, root: str) -> None:
     log = lambda msg: print(f"[{trial_id}] {msg}", flush=True)  # noqa: E731
     log("config: " + json.dumps(params, sort_keys=True))
     try:
-        out = run_experiment(cfg, store, registry, runner, log)
+        out = run_experiment(cfg, store, registry, runner, log, rows_part={
+            "root": root, "sweep": sweep, "trial_id": trial_id, "part": part, "search_params": params})
     except Exception:
         results.write_part(root, _failed_rows(cfg, sweep, trial_id, params), part)
         raise

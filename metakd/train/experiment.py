@@ -7,7 +7,6 @@ sweep trial; what differs is the *runner* (how worker functions run) and the *re
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 import uuid
@@ -139,8 +138,13 @@ def plan(cfg: ExperimentConfig, domains: list[str]) -> tuple[list[TeacherSpec], 
     return list(specs.values()), jobs
 
 
-def run_experiment(cfg: ExperimentConfig, store: Store, registry: Registry, runner, log=print) -> dict:
+def run_experiment(cfg: ExperimentConfig, store: Store, registry: Registry, runner, log=print,
+                   rows_part: dict | None = None) -> dict:
     """Prepare data, make sure every needed teacher exists (training the missing ones), train the students.
+
+    ``rows_part`` ({root, sweep, trial_id, part, search_params}) makes the student worker write
+    the results part after every finished student, so a trial stopped early (ASHA) or killed
+    keeps the rows it has.
 
     Returns {"students": [...], "teachers_trained": [...], "teacher_keys": [...], "domains": [...]}.
     """
@@ -162,7 +166,7 @@ def run_experiment(cfg: ExperimentConfig, store: Store, registry: Registry, runn
     reused = len(specs) - len(ensure(store, registry, {s.key: s.rel for s in specs}, build, log))
     if specs:
         log(f"teachers: {len(specs)} needed, {len(specs) - reused} trained here, {reused} reused")
-    students = runner.train_students({**common, "jobs": jobs}) if jobs else []
+    students = runner.train_students({**common, "jobs": jobs, "rows_part": rows_part}) if jobs else []
     return {"students": students, "teachers_trained": trained, "teacher_keys": [s.key for s in specs],
             "domains": domains}
 
@@ -177,43 +181,3 @@ def _list_files(store: Store, rel: str):
 
     sel = pafs.FileSelector(store.path(rel), allow_not_found=True)
     return [i.path for i in store.fs.get_file_info(sel) if i.type == pafs.FileType.File and i.path.endswith(".json")]
-
-
-def result_rows(cfg: ExperimentConfig, sweep: str, trial_id: str, students: list[dict],
-                search_params: dict | None = None, status: str = "ok") -> list[dict]:
-    """Rows of the results table (one per student and split) with the resolved config as flat columns."""
-    t, s, mt, d = cfg.teacher, cfg.student, cfg.meta_teacher, cfg.distill
-    common = {
-        "sweep": sweep, "trial_id": trial_id, "status": status,
-        "gamma1": mt.gamma1, "gamma2": d.gamma2, "sample_rate": cfg.data.sample_rate, "alpha": mt.alpha,
-        "temperature": d.temperature, "prototype": mt.prototype, "tda_target": mt.tda_target,
-        "schedule": d.schedule, "pred_loss": d.pred_loss,
-        "student": s.preset or s.checkpoint or "custom", "teacher": t.label(),
-        "teacher_epochs": t.epochs, "teacher_lr": t.lr, "stage1_epochs": d.stage1_epochs,
-        "stage2_epochs": d.stage2_epochs, "stage1_lr": d.stage1_lr, "stage2_lr": d.stage2_lr,
-        "dataset": cfg.data.path or cfg.data.source,
-        "search_params": json.dumps(search_params or {}, sort_keys=True, default=str),
-        "config_json": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
-    }
-    copied = ("seed", "method", "domain", "teacher_key", "train_seconds", "student_params", "teacher_params",
-              "student_layers", "student_hidden", "student_heads", "student_intermediate",
-              "latency_ms_b1", "latency_ms_b32", "device")
-    rows = []
-    for r in students:
-        for split in ("dev", "test"):
-            rows.append({**common, **{k: r.get(k) for k in copied}, "split": split,
-                         "accuracy": r[f"{split}_accuracy"], "loss": r[f"{split}_loss"]})
-    return rows
-
-
-def curve_rows(sweep: str, trial_id: str, students: list[dict], teachers: list[dict]) -> list[dict]:
-    rows = []
-    for r in students:
-        for p in r.get("curve", []):
-            rows.append({"sweep": sweep, "trial_id": trial_id, "seed": r["seed"], "method": r["method"],
-                         "domain": r["domain"], "teacher_key": r.get("teacher_key"), **p})
-    for t in teachers:
-        for p in t.get("curve", []):
-            rows.append({"sweep": sweep, "trial_id": trial_id, "seed": t["seed"], "method": f"teacher:{t['kind']}",
-                         "domain": t.get("domain") or "all", "teacher_key": t["key"], **p})
-    return rows

@@ -10,7 +10,8 @@ import pandas as pd
 from .. import analysis, results
 from ..config import ExperimentConfig
 from ..storage import Store
-from .experiment import LocalRegistry, LocalRunner, curve_rows, result_rows, run_experiment
+from .experiment import LocalRegistry, LocalRunner, run_experiment
+from .rows import curve_rows, result_rows
 
 
 def run_local(cfg: ExperimentConfig, root: str | None = None, use_ray: bool = False, log=print) -> dict:

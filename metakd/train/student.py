@@ -28,8 +28,10 @@ from ..data import load_prepared, make_loader
 from ..losses import (attention_mse, domain_expertise_weights, hidden_mse, layer_map, pred_divergence,
                       soft_cross_entropy, tkd_loss, weighted_mean)
 from ..models import build_student, load_model, measure_latency
+from ..results import write_part
 from ..storage import Store
 from .loop import StageSettings, evaluate, train_stage
+from .rows import result_rows
 from .runtime import make_runtime, unwrap
 
 META_METHODS = ("metakd", "metakd_no_target")
@@ -197,6 +199,10 @@ def student_worker(config: dict) -> list[dict]:
             prepared_cache[data_rel] = load_prepared(store.fetch_dir(data_rel))
         teacher_dir = store.fetch_dir(job["teacher_rel"]) if job.get("teacher_rel") else None
         results.append(train_student(job, cfg, prepared_cache[data_rel], teacher_dir, runtime))
+        part = config.get("rows_part")
+        if part and runtime.is_main:  # rows so far: an early-stopped or killed trial keeps them
+            write_part(part["root"], result_rows(cfg, part["sweep"], part["trial_id"], results,
+                                                 part["search_params"]), part["part"])
         with tempfile.TemporaryDirectory(prefix="metakd-students-") as d:
             with open(f"{d}/results.json", "w") as f:
                 json.dump(results, f)

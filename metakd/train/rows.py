@@ -1,0 +1,47 @@
+"""Rows of the result tables (``metakd.results`` schemas) from a trial's student and teacher summaries."""
+
+from __future__ import annotations
+
+import json
+
+from ..config import ExperimentConfig
+
+
+def result_rows(cfg: ExperimentConfig, sweep: str, trial_id: str, students: list[dict],
+                search_params: dict | None = None, status: str = "ok") -> list[dict]:
+    """Rows of the results table (one per student and split) with the resolved config as flat columns."""
+    t, s, mt, d = cfg.teacher, cfg.student, cfg.meta_teacher, cfg.distill
+    common = {
+        "sweep": sweep, "trial_id": trial_id, "status": status,
+        "gamma1": mt.gamma1, "gamma2": d.gamma2, "sample_rate": cfg.data.sample_rate, "alpha": mt.alpha,
+        "temperature": d.temperature, "prototype": mt.prototype, "tda_target": mt.tda_target,
+        "schedule": d.schedule, "pred_loss": d.pred_loss,
+        "student": s.preset or s.checkpoint or "custom", "teacher": t.label(),
+        "teacher_epochs": t.epochs, "teacher_lr": t.lr, "stage1_epochs": d.stage1_epochs,
+        "stage2_epochs": d.stage2_epochs, "stage1_lr": d.stage1_lr, "stage2_lr": d.stage2_lr,
+        "dataset": cfg.data.path or cfg.data.source,
+        "search_params": json.dumps(search_params or {}, sort_keys=True, default=str),
+        "config_json": json.dumps(cfg.to_dict(), sort_keys=True, default=str),
+    }
+    copied = ("seed", "method", "domain", "teacher_key", "train_seconds", "student_params", "teacher_params",
+              "student_layers", "student_hidden", "student_heads", "student_intermediate",
+              "latency_ms_b1", "latency_ms_b32", "device")
+    rows = []
+    for r in students:
+        for split in ("dev", "test"):
+            rows.append({**common, **{k: r.get(k) for k in copied}, "split": split,
+                         "accuracy": r[f"{split}_accuracy"], "loss": r[f"{split}_loss"]})
+    return rows
+
+
+def curve_rows(sweep: str, trial_id: str, students: list[dict], teachers: list[dict]) -> list[dict]:
+    rows = []
+    for r in students:
+        for p in r.get("curve", []):
+            rows.append({"sweep": sweep, "trial_id": trial_id, "seed": r["seed"], "method": r["method"],
+                         "domain": r["domain"], "teacher_key": r.get("teacher_key"), **p})
+    for t in teachers:
+        for p in t.get("curve", []):
+            rows.append({"sweep": sweep, "trial_id": trial_id, "seed": t["seed"], "method": f"teacher:{t['kind']}",
+                         "domain": t.get("domain") or "all", "teacher_key": t["key"], **p})
+    return rows
