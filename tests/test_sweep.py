@@ -110,13 +110,16 @@ def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
     parts = storage / "resume" / "results"
     proc = subprocess.Popen(sweep_cmd(path, storage), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=sweep_env(), start_new_session=True)
+    def complete_parts() -> list[Path]:  # a finished trial: 2 domains x 2 splits (parts grow per student)
+        return [p for p in parts.glob("*.parquet") if pq.read_metadata(p).num_rows == 4]
+
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list(parts.glob("*.parquet"))) < 2:
+    while time.monotonic() < deadline and len(complete_parts()) < 2:
         time.sleep(0.5)
     time.sleep(6)  # let Tune save its experiment state (every 5 s) with the finished trials
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray instance and the trials
     proc.wait()
-    before = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.parquet")}
+    before = {p.name: p.stat().st_mtime_ns for p in complete_parts()}
     assert 2 <= len(before) < 5, f"expected a partial sweep, found {sorted(before)}"
     trainings = count_teacher_trainings(Store(str(storage / "resume")))
 
