@@ -14,7 +14,7 @@ from metakd import data as D
 from metakd.config import DataConfig, SyntheticConfig
 from metakd.synthetic import domain_names, generate_corpus
 
-AMAZON = Path("/work/shared/data/amazon_reviews")
+AMAZON = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_reviews"  # ../shared beside the repo
 needs_amazon = pytest.mark.skipif(not (AMAZON / "books.jsonl").exists(), reason="Amazon reviews not present")
 
 
