@@ -122,14 +122,13 @@ def ensure_data(cfg: ExperimentConfig, store: Store, registry: Registry, log=pri
 
 def plan(cfg: ExperimentConfig, domains: list[str]) -> tuple[list[TeacherSpec], list[dict]]:
     """The distinct teachers and the student jobs of an experiment, over all seeds and methods."""
-    targets = [d for d in domains if cfg.data.domains is None or d in cfg.data.domains]
     specs: dict[str, TeacherSpec] = {}
     jobs = []
     for seed in cfg.seeds:
         for method in cfg.methods:
             if method == "metakd_no_target" and len(domains) < 2:
                 raise ValueError("metakd_no_target needs at least 2 domains (the teacher skips the target)")
-            for domain in targets:
+            for domain in domains:  # already restricted to data.domains when given
                 spec = teacher_spec(cfg, method, domain, seed)
                 if spec is not None:
                     specs.setdefault(spec.key, spec)
