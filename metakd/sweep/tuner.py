@@ -25,6 +25,7 @@ from ..config import ExperimentConfig, ResourcesConfig, content_hash
 from ..storage import Store, is_uri
 from ..train.experiment import count_teacher_trainings, run_experiment
 from ..train.rows import curve_rows, result_rows
+from ..train.student import running_metrics
 from ..train.ray_runner import RayRunner
 from .registry import RayRegistry, registry_actor
 from .space import make_search, trial_config
@@ -59,16 +60,22 @@ def trial_driver(params: dict, base: dict, sweep: str, root: str) -> None:
         out = run_experiment(cfg, store, registry, runner, log, rows_part={
             "root": root, "sweep": sweep, "trial_id": trial_id, "part": part, "search_params": params})
     except Exception:
-        results.write_part(root, _failed_rows(cfg, sweep, trial_id, params), part)
+        results.write_part(root, _finished_rows(root, part) + _failed_rows(cfg, sweep, trial_id, params), part)
         raise
     finally:
         registry.close()
-    results.write_part(root, result_rows(cfg, sweep, trial_id, out["students"], params), part)
+    # the results part is already complete: the student worker rewrites it after every student
     results.write_part(root, curve_rows(sweep, trial_id, out["students"], out["teachers_trained"]), part, "curves")
-    from ..train.student import running_metrics
-
     final = running_metrics(out["students"], cfg.methods)
     tune.report({**final, "teachers_trained": len(out["teachers_trained"]), "done": True})
+
+
+def _finished_rows(root: str, part: str) -> list[dict]:
+    """Rows the student worker already wrote for this part (students that finished before the failure)."""
+    try:
+        return results.load(f"{root}/results/{part}.parquet").to_dict("records")
+    except FileNotFoundError:
+        return []
 
 
 def _failed_rows(cfg: ExperimentConfig, sweep: str, trial_id: str, params: dict) -> list[dict]:

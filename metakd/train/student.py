@@ -27,7 +27,7 @@ from ..config import ExperimentConfig, from_dict
 from ..data import load_prepared, make_loader
 from ..losses import (attention_mse, domain_expertise_weights, hidden_mse, layer_map, pred_divergence,
                       soft_cross_entropy, tkd_loss, weighted_mean)
-from ..models import build_student, load_model, measure_latency
+from ..models import build_student, build_teacher, load_model, measure_latency
 from ..results import write_part
 from ..storage import Store
 from .loop import StageSettings, evaluate, train_stage
@@ -155,9 +155,8 @@ def train_student(job: dict, cfg: ExperimentConfig, prepared, teacher_dir: str |
 
 
 def _shape_only_teacher(cfg: ExperimentConfig, prepared):
-    """student_ft has no teacher; the student is still built against the teacher's sizes for W_h/W_d."""
-    from ..models import build_teacher
-
+    """student_ft has no trained teacher: build the untrained one, for the layer map and, with
+    init_from_teacher, its initial (pretrained) layers."""
     return build_teacher(cfg.teacher, len(prepared.tokenizer), cfg.data.max_length, prepared.data.num_labels,
                          len(prepared.data.domains))
 
