@@ -7,7 +7,8 @@ import os
 import sys
 
 from .errors import DataError
-from .config import ConfigError, check_local_paths, load_experiment, load_sweep, load_yaml
+from .config import ConfigError, load_experiment, load_sweep, load_yaml
+from .preflight import preflight
 
 
 def _quiet_env() -> None:
@@ -21,6 +22,9 @@ def cmd_validate(args) -> int:
     loader = load_sweep if "search" in load_yaml(args.yaml) else load_experiment
     cfg = loader(args.yaml)
     kind = "experiment" if cfg.search is None else f"sweep ({len(cfg.search.params)} searched parameters)"
+    # the data and checkpoints this machine can see are read as training would read them
+    for note in preflight(cfg, remote=args.remote):
+        print(f"  {note}")
     print(f"{args.yaml}: ok - {kind} '{cfg.name}', methods {', '.join(cfg.methods)}, seeds {cfg.seeds}")
     return 0
 
@@ -29,7 +33,7 @@ def cmd_run(args) -> int:
     from .train.run import run_and_report
 
     cfg = load_experiment(args.yaml)
-    check_local_paths(cfg)
+    preflight(cfg, read_data=False)  # the run reads the data next; refuse bad paths and checkpoints first
     if args.output_dir:
         cfg.output_dir = args.output_dir
     return run_and_report(cfg, use_ray=args.ray)
@@ -39,8 +43,9 @@ def cmd_sweep(args) -> int:
     from .sweep.tuner import run_sweep
 
     cfg = load_sweep(args.yaml)
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
-        check_local_paths(cfg)  # on a cluster the data path lives on the cluster
+    # before Ray starts: on a cluster (--address / a submitted job) paths missing here are the cluster's
+    for note in preflight(cfg, remote=bool(args.address or os.environ.get("RAY_ADDRESS"))):
+        print(note, flush=True)
     return run_sweep(cfg, address=args.address, storage=args.storage, name=args.name, yaml_path=args.yaml)
 
 
@@ -63,8 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="override the sweep name (the YAML's name)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("validate", help="check a sweep or experiment YAML without running anything")
+    p = sub.add_parser("validate", help="check a sweep or experiment YAML, its data and checkpoints, "
+                                        "without training anything")
     p.add_argument("yaml")
+    p.add_argument("--remote", action="store_true",
+                   help="paths that do not exist here are on the cluster: note them instead of failing")
     p.set_defaults(func=cmd_validate)
 
     cli_report.register(sub)
