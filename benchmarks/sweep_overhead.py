@@ -6,13 +6,13 @@ Runs the sweep from scratch in a temporary storage directory (a local Ray instan
 - the time spent inside the training loops (teacher and student stages, summed over all
   processes) divided by the sweep's wall time: below 1 on a small machine, where Ray start-up and
   the fixed cost of each ``TorchTrainer.fit()`` dominate; concurrent trials can push it above 1;
-- the number of teacher trainings against a naive sweep that trains every teacher a trial needs.
+- the number of teacher and student trainings against a naive sweep that trains, in every trial,
+  every teacher and student that trial needs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -24,6 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from metakd import results  # noqa: E402
 from metakd.config import load_sweep  # noqa: E402
+from metakd.storage import Store  # noqa: E402
+from metakd.train.events import STUDENT, TEACHER, read_events  # noqa: E402
 
 
 def main() -> None:
@@ -41,8 +43,9 @@ def main() -> None:
         root = Path(storage) / cfg.name
         df = results.load(str(root))
         students = df[df["split"] == "test"]
-        events = [json.loads(p.read_text()) for p in (root / "events" / "teacher_trained").glob("*.json")]
-    student_s = float(students["train_seconds"].sum())
+        events = read_events(Store(str(root)), TEACHER)
+        student_events = read_events(Store(str(root)), STUDENT)
+    student_s = sum(e["train_seconds"] for e in student_events)
     teacher_s = sum(e["train_seconds"] for e in events)
     # a naive sweep trains, in every trial, every teacher that trial's students need
     naive = int(students.groupby("trial_id")["teacher_key"].nunique().sum())
@@ -53,6 +56,8 @@ def main() -> None:
           f"{teacher_s + student_s:.1f}s -> {(teacher_s + student_s) / wall:.2f} of the sweep's wall time")
     print(f"teacher trainings: {len(events)} (naive sweep, one set per trial: {naive}) -> "
           f"{naive / max(len(events), 1):.1f}x fewer")
+    print(f"student trainings: {len(student_events)} (naive sweep, one per result row and split: {len(students)}) -> "
+          f"{len(students) / max(len(student_events), 1):.1f}x fewer")
 
 
 if __name__ == "__main__":

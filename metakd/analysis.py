@@ -6,9 +6,17 @@ seed and sample rate), and then reports over seeds: ``mean``, ``std`` (ddof=1, N
 single seed) and ``count`` (number of seeds). Accuracies and improvement rates are
 fractions; the plots and the CLI show them in %.
 
+A student that several trials share (``student_key``; the copies carry ``reused_from``) is
+one student: within each cell it counts once, however many trials list it.
+
 The ``"average"`` domain is the mean over domains within each seed, then mean/std over
 seeds. Only seeds that have every domain of their group enter it, so an unfinished seed
 cannot pull the average towards the domains it happens to have.
+
+Collapsed students (``collapsed`` column: dev accuracy at or below the majority-class rate
+of the domain's dev split) are kept unless a function is called with
+``exclude_collapsed=True``; either way its output's ``attrs`` say how many of the rows it
+read were flagged (``collapsed``) and how many were left out (``excluded``).
 """
 
 from __future__ import annotations
@@ -17,18 +25,26 @@ import json
 import math
 import numbers
 
+import numpy as np
 import pandas as pd
 
 METHODS = ("student_ft", "kd_single", "kd_mix", "kd_mtl", "metakd_no_target", "metakd")
 AVERAGE = "average"
+COLLAPSED = "collapsed"
 _BASE_COLUMNS = ("status", "split", "method", "domain", "seed", "accuracy")
 
 
 # ---------------------------------------------------------------- selection and grouping
 
 
-def _usable(df: pd.DataFrame, split: str, columns: tuple[str, ...], what: str) -> pd.DataFrame:
-    """The ``status == "ok"`` rows of ``split`` with an accuracy; ValueError naming what lacks."""
+def _usable(
+    df: pd.DataFrame, split: str, columns: tuple[str, ...], what: str, exclude_collapsed: bool = False
+) -> tuple[pd.DataFrame, dict]:
+    """The ``status == "ok"`` rows of ``split`` with an accuracy, and the collapse counts.
+
+    Returns ``(rows, {"collapsed": flagged rows among them, "excluded": rows left out})``;
+    ValueError naming what lacks.
+    """
     missing = [c for c in (*_BASE_COLUMNS, *columns) if c not in df.columns]
     if missing:
         raise ValueError(f"{what}: the results table lacks column(s) {missing}")
@@ -39,7 +55,17 @@ def _usable(df: pd.DataFrame, split: str, columns: tuple[str, ...], what: str) -
         raise ValueError(
             f"{what}: no status='ok' rows with an accuracy on split {split!r} (splits present: {present})"
         )
-    return rows
+    if COLLAPSED not in rows.columns:
+        if exclude_collapsed:
+            raise ValueError(f"{what}: exclude_collapsed needs a {COLLAPSED!r} column, which the table lacks")
+        return rows, {"collapsed": 0, "excluded": 0}
+    flagged = _equals(rows[COLLAPSED], True)
+    counts = {"collapsed": int(flagged.sum()), "excluded": int(flagged.sum()) if exclude_collapsed else 0}
+    if exclude_collapsed:
+        rows = rows[~flagged]
+        if rows.empty:
+            raise ValueError(f"{what}: every row on split {split!r} is a collapsed student (exclude_collapsed)")
+    return rows, counts
 
 
 def _equals(col: pd.Series, value) -> pd.Series:
@@ -62,9 +88,22 @@ def _require_values(rows: pd.DataFrame, column: str, method: str) -> None:
 
 
 def _per_seed(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Mean accuracy per ``keys`` + seed (averaging over every other column) as ``value``."""
+    """Mean accuracy per ``keys`` + seed (averaging over every other column) as ``value``;
+    each trained student counts once per group (:func:`_one_row_per_student`)."""
+    rows = _one_row_per_student(rows, [*keys, "seed"])
     g = rows.groupby([*keys, "seed"], dropna=False, sort=True)["accuracy"].mean()
     return g.rename("value").reset_index()
+
+
+def _one_row_per_student(rows: pd.DataFrame, group: list[str]) -> pd.DataFrame:
+    """Within each ``group``, one row per ``student_key``: a student that several trials share
+    (a baseline in a sweep over gamma2, reused instead of retrained: ``reused_from``) counts
+    once, not once per trial. Rows without a key (tables written before keys) all count."""
+    if "student_key" not in rows.columns:
+        return rows
+    keyed = rows["student_key"].notna()
+    first = rows[keyed].drop_duplicates([*group, "student_key"])
+    return pd.concat([first, rows[~keyed]]) if (~keyed).any() else first
 
 
 def _over_seeds(per_seed: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -115,15 +154,15 @@ def _order(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 # ---------------------------------------------------------------- the paper's tables
 
 
-def main_table(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+def main_table(df: pd.DataFrame, split: str = "test", exclude_collapsed: bool = False) -> pd.DataFrame:
     """Accuracy per method and domain, plus domain ``"average"``, as in the main tables.
 
     Long form: columns method, domain, mean, std, count. ``pivot_main_table`` makes it wide.
     """
-    rows = _usable(df, split, (), "main table")
+    rows, flags = _usable(df, split, (), "main table", exclude_collapsed)
     per_seed = _per_seed(rows, ["method", "domain"])
     out = _with_average(per_seed, ["method"])
-    out.attrs.update(split=split)
+    out.attrs.update(split=split, **flags)
     return out
 
 
@@ -164,7 +203,8 @@ def _cell(mean: float, std: float, digits: int) -> str:
 
 
 def improvement_vs_sample_rate(
-    df: pd.DataFrame, method: str = "metakd", baseline: str = "kd_single", split: str = "test"
+    df: pd.DataFrame, method: str = "metakd", baseline: str = "kd_single", split: str = "test",
+    exclude_collapsed: bool = False,
 ) -> pd.DataFrame:
     """Figure 3: improvement rate (acc_method - acc_baseline) / acc_baseline per sample rate.
 
@@ -174,7 +214,7 @@ def improvement_vs_sample_rate(
     ``"average"`` averages the per-domain rates within each seed first.
     """
     what = f"improvement of {method} over {baseline}"
-    rows = _usable(df, split, ("sample_rate",), what)
+    rows, flags = _usable(df, split, ("sample_rate",), what, exclude_collapsed)
     ours = _method_rows(rows, method, f"no {method} rows (status='ok', split={split!r}) to compare")
     base = _method_rows(rows, baseline, f"no {baseline} rows (status='ok', split={split!r}) to compare with")
     _require_values(ours, "sample_rate", method)
@@ -185,36 +225,40 @@ def improvement_vs_sample_rate(
         raise ValueError(f"{what}: no (sample_rate, domain, seed) has both {method} and {baseline} rows")
     paired["value"] = (paired["value_m"] - paired["value_b"]) / paired["value_b"]
     out = _with_average(paired[[*keys, "seed", "value"]], ["sample_rate"])
-    out.attrs.update(method=method, baseline=baseline, split=split)
+    out.attrs.update(method=method, baseline=baseline, split=split, **flags)
     return out
 
 
-def accuracy_vs_gamma2(df: pd.DataFrame, method: str = "metakd", split: str = "test") -> pd.DataFrame:
+def accuracy_vs_gamma2(
+    df: pd.DataFrame, method: str = "metakd", split: str = "test", exclude_collapsed: bool = False
+) -> pd.DataFrame:
     """Figure 4: accuracy per gamma2 and domain plus ``"average"``.
 
     Columns gamma2, domain, mean, std, count (accuracy as a fraction).
     """
-    rows = _usable(df, split, ("gamma2",), "accuracy vs gamma2")
+    rows, flags = _usable(df, split, ("gamma2",), "accuracy vs gamma2", exclude_collapsed)
     ours = _method_rows(
         rows, method, f"no {method} rows (status='ok', split={split!r}) to plot against gamma2"
     )
     _require_values(ours, "gamma2", method)
     out = _with_average(_per_seed(ours, ["gamma2", "domain"]), ["gamma2"])
-    out.attrs.update(method=method, split=split)
+    out.attrs.update(method=method, split=split, **flags)
     return out
 
 
 _SIZE_KEYS = ["student", "student_layers", "student_hidden"]
 
 
-def student_size_table(df: pd.DataFrame, method: str = "metakd", split: str = "test") -> pd.DataFrame:
+def student_size_table(
+    df: pd.DataFrame, method: str = "metakd", split: str = "test", exclude_collapsed: bool = False
+) -> pd.DataFrame:
     """Accuracy (domain average, over seeds) and size/latency per student, sorted by params.
 
     Columns student, student_layers, student_hidden, label (e.g. "bert-mini (4L-256)"),
     mean, std, count, student_params, latency_ms_b1, latency_ms_b32 (latencies: mean over rows).
     """
     extra = ("student_params", "latency_ms_b1", "latency_ms_b32")
-    rows = _usable(df, split, (*_SIZE_KEYS, *extra), "student size table")
+    rows, flags = _usable(df, split, (*_SIZE_KEYS, *extra), "student size table", exclude_collapsed)
     ours = _method_rows(rows, method, f"no {method} rows (status='ok', split={split!r}) for the size table")
     per_seed = _per_seed(ours, [*_SIZE_KEYS, "domain"])
     acc = _over_seeds(_domain_average_per_seed(per_seed, _SIZE_KEYS), _SIZE_KEYS)
@@ -230,7 +274,7 @@ def student_size_table(df: pd.DataFrame, method: str = "metakd", split: str = "t
     out = acc.merge(sizes, on=_SIZE_KEYS, how="left")
     out.insert(3, "label", [_student_label(*r) for r in out[_SIZE_KEYS].itertuples(index=False)])
     out = out.sort_values("student_params", na_position="last", kind="stable").reset_index(drop=True)
-    out.attrs.update(method=method, split=split)
+    out.attrs.update(method=method, split=split, **flags)
     return out
 
 
@@ -242,11 +286,167 @@ def _student_label(name, layers, hidden) -> str:
     return name or shape or "?"
 
 
+# ---------------------------------------------------------------- collapsed students
+
+
+def collapsed_students(df: pd.DataFrame) -> pd.DataFrame:
+    """The flagged students: ``status == "ok"`` dev rows with ``collapsed`` true.
+
+    Columns trial_id, seed, method, domain, accuracy (dev), majority_rate (dev), as fractions.
+    """
+    if COLLAPSED not in df.columns:
+        return pd.DataFrame(columns=["trial_id", "seed", "method", "domain", "accuracy", "majority_rate"])
+    rows = df[_equals(df["status"], "ok") & _equals(df["split"], "dev") & _equals(df[COLLAPSED], True)]
+    cols = [c for c in ("trial_id", "seed", "method", "domain", "accuracy", "majority_rate") if c in rows.columns]
+    return _order(rows[cols].drop_duplicates(), [c for c in ("method", "domain", "seed") if c in cols])
+
+
+def describe_collapsed(df: pd.DataFrame, limit: int = 8) -> str | None:
+    """One line naming the collapsed students (None when there are none), for run / sweep summaries."""
+    flagged = collapsed_students(df)
+    if flagged.empty:
+        return None
+    names = [
+        f"{r.method}/{r.domain} seed {r.seed} ({100 * r.accuracy:.1f}% <= {100 * r.majority_rate:.1f}%)"
+        for r in flagged.head(limit).itertuples(index=False)
+    ]
+    more = f", and {len(flagged) - limit} more" if len(flagged) > limit else ""
+    return (f"{len(flagged)} collapsed student(s) (dev accuracy at or below the dev majority-class rate, "
+            f"column 'collapsed'): " + ", ".join(names) + more)
+
+
+# ---------------------------------------------------------------- paired comparisons
+
+# What makes two rows "the same configuration": every flat config column of the results
+# schema except the method and what follows from it (teacher_key, sizes, timings). Not
+# trial_id: a configuration run by two trials (or a student another trial reused) is one
+# configuration, averaged within its cell before pairing, so it is never counted twice.
+PAIR_COLUMNS = (
+    "sweep", "dataset", "sample_rate", "gamma1", "gamma2", "alpha", "temperature", "prototype", "tda_target",
+    "schedule", "pred_loss", "student", "student_layers", "student_hidden", "student_heads",
+    "student_intermediate", "teacher", "teacher_epochs", "teacher_lr", "stage1_epochs", "stage2_epochs",
+    "stage1_lr", "stage2_lr", "search_params",
+)
+_TIE = 1e-9  # accuracies are fractions of a shared test set; closer than this is the same count
+
+
+def compare_methods(
+    df: pd.DataFrame,
+    method: str = "metakd",
+    baseline: str = "kd_single",
+    split: str = "test",
+    by: tuple[str, ...] | list[str] = (),
+    confidence: float = 0.95,
+    exclude_collapsed: bool = False,
+) -> pd.DataFrame:
+    """Paired difference ``method - baseline`` in accuracy points, per domain and the average.
+
+    Pairing: a ``method`` row and a ``baseline`` row pair when they share seed, domain and
+    every configuration column present (``PAIR_COLUMNS``; the method is what differs).
+    Rows of one cell (several trials with the same configuration) are averaged first. Per
+    (``by``, domain, seed) the differences of the paired configurations are averaged, giving
+    one difference d_s per seed; domain ``"average"`` averages d over domains within a seed
+    first (seeds with every domain only). Over the n seeds:
+
+        diff = mean(d),  CI = diff -/+ t_{(1+confidence)/2, n-1} * sd(d) / sqrt(n)  (sd: ddof=1),
+        p_value = two-sided paired t-test (``scipy.stats.ttest_1samp(d, 0)``),
+        wins / ties / losses = seeds with d > 0 / d == 0 / d < 0.
+
+    With n < 2 the interval and p-value are NaN and ``note`` says so; with n >= 2 equal
+    differences the interval is the point and p is 0 (1 if they are all ties).
+    Columns: *by, domain, n, method_mean, baseline_mean, diff, diff_std, ci_low, ci_high,
+    p_value, wins, ties, losses, note (accuracies and differences in points, i.e. %).
+    ``attrs``: method, baseline, split, confidence, collapsed, excluded, unpaired
+    (method and baseline cells without a partner).
+    """
+    by = list(by)
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if method == baseline:
+        raise ValueError(f"method and baseline are both {method!r}; compare two different methods")
+    what = f"comparison of {method} with {baseline}"
+    rows, flags = _usable(df, split, tuple(by), what, exclude_collapsed)
+    ours = _method_rows(rows, method, f"no {method} rows (status='ok', split={split!r}) to compare")
+    base = _method_rows(rows, baseline, f"no {baseline} rows (status='ok', split={split!r}) to compare with")
+    config = [c for c in PAIR_COLUMNS if c in rows.columns and c not in by]
+    keys = [*by, "domain", "seed", *config]
+    cells_m = ours.groupby(keys, dropna=False, sort=False)["accuracy"].mean().rename("value_m").reset_index()
+    cells_b = base.groupby(keys, dropna=False, sort=False)["accuracy"].mean().rename("value_b").reset_index()
+    paired = cells_m.merge(cells_b, on=keys, how="inner")
+    unpaired = {method: len(cells_m) - len(paired), baseline: len(cells_b) - len(paired)}
+    if paired.empty:
+        raise ValueError(
+            f"{what}: no (seed, domain, configuration) has both {method} and {baseline} rows on split {split!r}"
+        )
+    per_seed = paired.groupby([*by, "domain", "seed"], dropna=False, sort=True)[["value_m", "value_b"]].mean()
+    per_seed = per_seed.reset_index()
+    per_seed["value"] = per_seed["value_m"] - per_seed["value_b"]
+    group = by or ["_all"]  # the domain average needs a group key
+    per_seed_g = per_seed.assign(_all=0)
+    averages = [
+        _domain_average_per_seed(per_seed_g[[*group, "domain", "seed", col]].rename(columns={col: "value"}), group)
+        .rename(columns={"value": col})
+        for col in ("value_m", "value_b", "value")
+    ]
+    avg = averages[0].merge(averages[1], on=[*group, "seed"]).merge(averages[2], on=[*group, "seed"])
+    avg = avg.drop(columns=["_all"], errors="ignore")
+    avg.insert(len(by), "domain", AVERAGE)
+    cells = pd.concat([per_seed, avg], ignore_index=True)
+    out = pd.DataFrame(
+        [
+            {**dict(zip([*by, "domain"], group if isinstance(group, tuple) else (group,))),
+             **_paired_stats(g["value_m"].to_numpy(), g["value_b"].to_numpy(), confidence)}
+            for group, g in cells.groupby([*by, "domain"], dropna=False, sort=False)
+        ]
+    )
+    out = _order(out, [*by, "domain"])
+    out.attrs.update(method=method, baseline=baseline, split=split, confidence=confidence,
+                     unpaired=unpaired, **flags)
+    return out
+
+
+def _paired_stats(m, b, confidence: float) -> dict:
+    """Over seeds: means, paired difference, its t-interval and t-test p-value, W/T/L (in points)."""
+    from scipy import stats
+
+    d = (np.asarray(m, dtype=float) - np.asarray(b, dtype=float))
+    n = len(d)
+    out = {
+        "n": n, "method_mean": 100 * float(np.mean(m)), "baseline_mean": 100 * float(np.mean(b)),
+        "diff": 100 * float(np.mean(d)), "diff_std": float("nan"), "ci_low": float("nan"),
+        "ci_high": float("nan"), "p_value": float("nan"),
+        "wins": int((d > _TIE).sum()), "ties": int((np.abs(d) <= _TIE).sum()), "losses": int((d < -_TIE).sum()),
+        "note": "",
+    }
+    if n < 2:
+        out["note"] = f"{n} paired seed: no interval (needs 2 or more)"
+        return out
+    sd = float(np.std(d, ddof=1))
+    out["diff_std"] = 100 * sd
+    if sd <= _TIE:  # identical differences: the t statistic is +-inf (or 0/0 for all ties)
+        out["ci_low"] = out["ci_high"] = out["diff"]
+        out["p_value"] = 1.0 if out["ties"] == n else 0.0
+        out["note"] = "every seed has the same difference"
+        return out
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
+    out["ci_low"], out["ci_high"] = out["diff"] - 100 * half, out["diff"] + 100 * half
+    out["p_value"] = float(stats.ttest_1samp(d, 0.0).pvalue)
+    return out
+
+
+def difference_cell(row, digits: int = 2) -> str:
+    """``"+1.23 [-0.45, +2.91]"`` for a ``compare_methods`` row; ``"+1.23 (n=1)"`` without an interval."""
+    if math.isnan(row["ci_low"]):
+        return f"{row['diff']:+.{digits}f} (n={row['n']})"
+    return f"{row['diff']:+.{digits}f} [{row['ci_low']:+.{digits}f}, {row['ci_high']:+.{digits}f}]"
+
+
 # ---------------------------------------------------------------- Optuna sweeps
 
 
 def search_summary(
-    df: pd.DataFrame, metric_split: str = "dev", method: str = "metakd", top: int = 5
+    df: pd.DataFrame, metric_split: str = "dev", method: str = "metakd", top: int = 5,
+    exclude_collapsed: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Best configurations and parameter importances of a searched sweep.
 
@@ -256,7 +456,7 @@ def search_summary(
     (param, importance) from Optuna's fANOVA evaluator (seed 0; mean decrease in impurity if
     fANOVA is unavailable) on a study rebuilt from the trials, over the parameters that vary.
     """
-    rows = _usable(df, metric_split, ("trial_id", "search_params"), "search summary")
+    rows, flags = _usable(df, metric_split, ("trial_id", "search_params"), "search summary", exclude_collapsed)
     ours = _method_rows(
         rows, method, f"no {method} rows (status='ok', split={metric_split!r}) to rank trials by"
     )
@@ -285,7 +485,7 @@ def search_summary(
     importances, evaluator = _importances(per_trial["accuracy"], params, distributions)
     table = pd.DataFrame(sorted(importances.items(), key=lambda kv: -kv[1]), columns=["param", "importance"])
     table.attrs.update(evaluator=evaluator)
-    best.attrs.update(method=method, split=metric_split)
+    best.attrs.update(method=method, split=metric_split, **flags)
     return best, table
 
 

@@ -46,7 +46,8 @@ def cmd_sweep(args) -> int:
     # before Ray starts: on a cluster (--address / a submitted job) paths missing here are the cluster's
     for note in preflight(cfg, remote=bool(args.address or os.environ.get("RAY_ADDRESS"))):
         print(note, flush=True)
-    return run_sweep(cfg, address=args.address, storage=args.storage, name=args.name, yaml_path=args.yaml)
+    return run_sweep(cfg, address=args.address, storage=args.storage, name=args.name, yaml_path=args.yaml,
+                     verbose=args.verbose)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster, else a local instance)")
     p.add_argument("--storage", default=None, help="override search.storage (local path or s3://, gs:// URI)")
     p.add_argument("--name", default=None, help="override the sweep name (the YAML's name)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's output: Tune's result blocks, Ray INFO lines, every worker's log lines")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("validate", help="check a sweep or experiment YAML, its data and checkpoints, "

@@ -93,6 +93,10 @@ class DataConfig:
     num_labels: int | None = _help("number of classes (None: inferred from the data)", default=None)
     sample_rate: float = _help("fraction of each domain's training split kept, in (0, 1]", default=1.0)
     max_length: int = _help("maximum sequence length in tokens", default=64)
+    batching: str = _help(
+        "random (seeded random batches, each cut to its longest sequence: the same math as padding to "
+        "max_length) | length_grouped (batches of similar lengths: less padding, but batches are no longer "
+        "uniform random draws)", default="random")
     truncation: str = _help("head (first tokens) | head_tail (first quarter + last three quarters of the "
                             "budget; single texts, e.g. long reviews)", default="head")
     split_seed: int = _help("seed of the train/dev/test split (fixed across training seeds)", default=1234)
@@ -108,6 +112,7 @@ class DataConfig:
             where, "sample_rate", self.sample_rate, "a number in (0, 1]",
         )
         _check_choice(self.truncation, ("head", "head_tail"), where, "truncation")
+        _check_choice(self.batching, ("random", "length_grouped"), where, "batching")
         _check(8 <= self.max_length <= 4096, where, "max_length", self.max_length, "an integer in [8, 4096]")
         _check(self.num_labels is None or self.num_labels >= 2, where, "num_labels", self.num_labels, "None or >= 2")
         _check(self.vocab_size >= 100, where, "vocab_size", self.vocab_size, "an integer >= 100")
@@ -173,13 +178,21 @@ class TeacherConfig(ModelConfig):
 
     epochs: int = _help("training epochs of every teacher", default=3)
     lr: float = _help("peak learning rate (AdamW)", default=2e-5)
-    batch_size: int = _help("per-worker batch size", default=32)
+    batch_size: int = _help("global batch size: the workers of a DDP teacher (search.resources.workers_per_trial) "
+                            "each take batch_size / workers, so the recipe is the same at any worker count",
+                            default=32)
     warmup_ratio: float = _help("fraction of steps with linear warmup", default=0.1)
     weight_decay: float = _help("AdamW weight decay", default=0.01)
+    checkpoint_interval_s: float = _help(
+        "Ray Train: after a teacher epoch, write a resumable checkpoint (weights, AdamW state, best weights) "
+        "only if this many seconds passed since the last one (0: after every epoch); only the latest is kept, "
+        "and none after the last epoch", default=300.0)
 
     def validate(self, where: str) -> None:
         super().validate(where)
         _check_training(self, where, ("epochs",), ("lr",))
+        _check(self.checkpoint_interval_s >= 0, where, "checkpoint_interval_s", self.checkpoint_interval_s,
+               "a number of seconds >= 0")
 
 
 @dataclass
@@ -207,15 +220,26 @@ class DistillConfig:
     stage2_lr: float = _help("two_stage: learning rate of stage 2", default=3e-5)
     epochs: int = _help("joint schedule and student_ft: epochs", default=3)
     lr: float = _help("joint schedule and student_ft: learning rate", default=5e-5)
-    batch_size: int = _help("per-worker batch size of student training", default=32)
+    batch_size: int = _help("global batch size of student training: each of the search.resources.student_workers "
+                            "workers takes batch_size / workers", default=32)
     warmup_ratio: float = _help("fraction of steps with linear warmup", default=0.1)
     weight_decay: float = _help("AdamW weight decay", default=0.01)
     temperature: float = _help("softmax temperature T of the prediction-layer loss", default=1.0)
     pred_loss: str = _help("kl (default) | rkl | js | tvd", default="kl")
     layer_map: str = _help("exact (L must be a multiple of S) | round", default="exact")
+    teacher_cache: str = _help(
+        "auto: the frozen teacher's logits and r(x) come from the outputs stored with the teacher, and "
+        "stage 1 / joint keep the teacher's mapped hidden states and attention maps of the target domain on "
+        "the device in fp16 when they fit teacher_cache_gb (else they are recomputed every batch) | off: "
+        "run the teacher on every batch", default="auto")
+    teacher_cache_gb: float = _help("teacher_cache auto: most device memory (GiB) the stage-1 hidden states and "
+                                    "attention maps may take (on CUDA also at most half of the free memory)",
+                                    default=8.0)
 
     def validate(self, where: str) -> None:
         _check(self.gamma2 >= 0, where, "gamma2", self.gamma2, "a number >= 0")
+        _check_choice(self.teacher_cache, ("auto", "off"), where, "teacher_cache")
+        _check(self.teacher_cache_gb >= 0, where, "teacher_cache_gb", self.teacher_cache_gb, "a number of GiB >= 0")
         _check_choice(self.schedule, ("two_stage", "joint"), where, "schedule")
         _check_choice(self.pred_loss, ("kl", "rkl", "js", "tvd"), where, "pred_loss")
         _check_choice(self.layer_map, ("exact", "round"), where, "layer_map")
@@ -252,10 +276,14 @@ class ResourcesConfig:
     workers_per_trial: int = _help("Ray Train workers (DDP ranks) for each teacher training", default=1)
     cpus_per_worker: float = _help("CPUs per Ray Train worker", default=1)
     gpus_per_worker: float = _help("GPUs per teacher worker (0 on CPU machines)", default=0)
-    student_workers: int = _help("Ray Train workers per student training run", default=1)
+    student_workers: int = _help(
+        "Ray Train workers that share a trial's student jobs, each training one job at a time on its own "
+        "(with student_ddp: the DDP ranks of one student at a time)", default=1)
     student_gpus_per_worker: float | None = _help(
-        "GPUs per student worker; fractional (e.g. 0.25) allowed when student_workers is 1 "
+        "GPUs per student worker; fractions (e.g. 0.25: four workers share a GPU) allowed unless student_ddp "
         "(None: same as gpus_per_worker)", default=None)
+    student_ddp: bool = _help("train each student with all student_workers as DDP ranks (one job at a time) "
+                              "instead of one job per worker", default=False)
     max_concurrent_trials: int = _help("Tune trials at once (Tune cannot see the GPUs Train workers take)", default=1)
 
     def validate(self, where: str) -> None:
@@ -274,9 +302,10 @@ class ResourcesConfig:
         s = self.student_gpus_per_worker
         if s is not None:
             _check(s >= 0, where, "student_gpus_per_worker", s, "a number >= 0")
-            if s != int(s) and self.student_workers > 1:
-                raise ConfigError(f"{where}.student_gpus_per_worker: {s!r} is fractional, which needs "
-                                  f"student_workers: 1 (got {self.student_workers})")
+        s = self.student_gpus()
+        if s != int(s) and self.student_ddp and self.student_workers > 1:
+            raise ConfigError(f"{where}.student_gpus_per_worker: {s!r} is fractional; DDP students "
+                              f"(student_ddp with student_workers {self.student_workers}) need whole GPUs per worker")
 
     def student_gpus(self) -> float:
         return self.gpus_per_worker if self.student_gpus_per_worker is None else self.student_gpus_per_worker
@@ -328,6 +357,8 @@ class ExperimentConfig:
     methods: list[str] = _help(f"methods to run, from {list(METHODS)}", default_factory=lambda: ["metakd"])
     seeds: list[int] = _help("every configuration runs once per seed", default_factory=lambda: [0])
     device: str = _help("auto | cpu | cuda", default="auto")
+    precision: str = _help("auto (bf16 autocast on a CUDA device that supports it, fp32 on CPU) | fp32 | bf16 "
+                           "(autocast; weights, optimizer and losses stay fp32)", default="auto")
     output_dir: str = _help("metakd run: where teachers, students and tables go", default="runs")
     data: DataConfig = _help("the multi-domain dataset", default_factory=DataConfig)
     teacher: TeacherConfig = _help("teacher model and its training", default_factory=lambda: TeacherConfig(preset="tiny-teacher"))
@@ -347,6 +378,7 @@ class ExperimentConfig:
         _check(len(self.seeds) >= 1 and all(isinstance(s, int) for s in self.seeds), "", "seeds", self.seeds,
                "a non-empty list of integers")
         _check_choice(self.device, ("auto", "cpu", "cuda"), "", "device")
+        _check_choice(self.precision, ("auto", "fp32", "bf16"), "", "precision")
         self.data.validate("data")
         self.teacher.validate("teacher")
         if self.teacher.init_from_teacher:
@@ -362,6 +394,7 @@ class ExperimentConfig:
                                   f"the teacher's {t[1]}; copying layers needs equal hidden sizes")
         if self.search is not None:
             self.search.validate("search")
+            check_global_batches(self, self.search.resources)
             _validate_candidates(self)
         return self
 
@@ -369,13 +402,16 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-def check_local_paths(cfg: ExperimentConfig) -> None:
-    """Refuse a missing local data path before anything runs (on this machine, not on a cluster)."""
-    d = cfg.data
-    if d.source in ("amazon", "files") and d.path and "://" not in d.path:
-        if not Path(os.path.expanduser(d.path)).exists():
-            raise ConfigError(f"data.path: '{d.path}' does not exist (source '{d.source}' reads local files; "
-                              f"relative paths are resolved from {os.getcwd()})")
+def check_global_batches(cfg: ExperimentConfig, resources: ResourcesConfig) -> None:
+    """Each batch_size is global: it must split evenly over the workers that train with it."""
+    for where, batch, workers, wfield in (
+            ("teacher.batch_size", cfg.teacher.batch_size, resources.workers_per_trial, "workers_per_trial"),
+            # independent student workers (no student_ddp) each take the whole batch of their own job
+            ("distill.batch_size", cfg.distill.batch_size,
+             resources.student_workers if resources.student_ddp else 1, "student_workers")):
+        if batch % workers:
+            raise ConfigError(f"{where}: {batch} is the global batch size and must be a multiple of "
+                              f"search.resources.{wfield} ({workers}), so that every worker gets the same share")
 
 
 def check_layer_mapping(teacher: ModelConfig, student: ModelConfig, mode: str, where: str) -> None:
@@ -465,6 +501,7 @@ def _validate_candidates(cfg: "ExperimentConfig") -> None:
             try:
                 set_path(probe, path, value)
                 probe.validate()
+                check_global_batches(probe, cfg.search.resources)
             except ConfigError as e:
                 raise ConfigError(f"search.params.{name}: value {value!r} is invalid: {e}") from None
 

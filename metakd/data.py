@@ -43,7 +43,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 SPLITS = ("train", "dev", "test")
 DEV_FRACTION = 0.09
@@ -63,6 +63,7 @@ _INT_RE = re.compile(r"\s*[-+]?\d+\s*")
 
 
 from .errors import DataError  # noqa: E402  (re-exported: metakd.data.DataError)
+from .loader import make_loader  # noqa: E402,F401  (re-exported: the loaders of the training loops)
 
 
 # ----------------------------------------------------------------------------- containers
@@ -608,6 +609,11 @@ class EncodedSplit(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {f: getattr(self, f)[i] for f in self.FIELDS}
 
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """A whole batch in one indexing per field (DataLoader uses it instead of N ``__getitem__``)."""
+        pos = torch.as_tensor(indices, dtype=torch.long)
+        return {f: getattr(self, f)[pos] for f in self.FIELDS}
+
     def select(self, positions: torch.Tensor | Sequence[int]) -> "EncodedSplit":
         pos = torch.as_tensor(positions, dtype=torch.long)
         return EncodedSplit(**{f: getattr(self, f)[pos] for f in self.FIELDS})
@@ -655,13 +661,6 @@ def encode(split: TextSplit, tokenizer: Any, max_length: int, batch_size: int = 
             cols[f][start:end] = enc[f]
     return EncodedSplit(**cols, labels=torch.from_numpy(split.labels.copy()),
                         domains=torch.from_numpy(split.domains.copy()))
-
-
-def make_loader(split: EncodedSplit, batch_size: int, shuffle: bool, seed: int = 0,
-                drop_last: bool = False) -> DataLoader:
-    """A single-process DataLoader; with ``shuffle`` the order is a function of ``seed``."""
-    generator = torch.Generator().manual_seed(int(seed))
-    return DataLoader(split, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last)
 
 
 # ----------------------------------------------------------------------------- prepare + cache

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,8 @@ class Output:
     domain_logits: torch.Tensor  # [N, K]
     domain_repr: torch.Tensor  # r(x), [N, H]
     features: torch.Tensor  # mean_pool(H_last), [N, H]
-    hidden_states: tuple | None = None  # (embeddings, layer 1..L), each [N, S, H]
-    attentions: tuple | None = None  # layer 1..L, each [N, heads, S, S]
+    hidden_states: tuple | None = None  # (embeddings, layer 1..L), each [N, S, H]; None where not kept
+    attentions: tuple | None = None  # layer 1..L, each [N, heads, S, S]; None where not kept
 
 
 def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -47,22 +48,57 @@ def encoder_config(spec: ModelConfig, vocab_size: int, max_length: int):
             cfg = AutoConfig.from_pretrained(spec.checkpoint)
         except OSError as e:
             raise ConfigError(f"checkpoint {spec.checkpoint!r}: cannot load its config ({e})") from None
-        cfg._attn_implementation = "eager"
         return cfg
     layers, hidden, heads, intermediate = spec.sizes()
     return BertConfig(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=intermediate, max_position_embeddings=max(512, max_length),
-        attn_implementation="eager",
     )
 
 
 def build_encoder(spec: ModelConfig, vocab_size: int, max_length: int) -> nn.Module:
+    """An encoder with the library's default attention (SDPA where the model supports it, else eager);
+    forwards that return attention maps switch to eager for themselves (:func:`attention_maps`)."""
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per teacher/student floods sweep logs
-    # eager attention: SDPA refuses output_attentions=True, which distillation needs
     if spec.checkpoint:
-        return AutoModel.from_pretrained(spec.checkpoint, attn_implementation="eager")
-    return AutoModel.from_config(encoder_config(spec, vocab_size, max_length), attn_implementation="eager")
+        return AutoModel.from_pretrained(spec.checkpoint)
+    return AutoModel.from_config(encoder_config(spec, vocab_size, max_length))
+
+
+def _attention_prob_dropouts(encoder: nn.Module) -> list[nn.Dropout]:
+    """The dropouts applied to attention probabilities: ``dropout`` of each ``*SelfAttention``
+    module (BERT, RoBERTa, ELECTRA, DistilBERT, MPNet)."""
+    return [m.dropout for m in encoder.modules()
+            if type(m).__name__.endswith("SelfAttention") and isinstance(getattr(m, "dropout", None), nn.Dropout)]
+
+
+@contextmanager
+def attention_maps(encoder: nn.Module):
+    """Within: eager attention, which returns the maps (SDPA computes none), and no dropout on
+    the attention probabilities, so the maps are the softmax probabilities the spec's L_attn compares."""
+    cfg = encoder.config
+    drops = _attention_prob_dropouts(encoder)
+    configured = getattr(cfg, "attention_probs_dropout_prob", None) or getattr(cfg, "attention_dropout", 0.0) or 0.0
+    if configured > 0 and not drops and encoder.training:
+        raise ConfigError(f"{type(encoder).__name__}: cannot find the dropout on its attention probabilities "
+                          f"(a '*SelfAttention' module's 'dropout'); L_attn needs maps without it")
+    impl, ps = cfg._attn_implementation, [d.p for d in drops]
+    try:
+        if impl != "eager":
+            cfg._attn_implementation = "eager"
+        for d in drops:  # no dropout rather than pre-dropout maps: HF's attention kernels return only post-dropout maps
+            d.p = 0.0
+        yield
+    finally:
+        if cfg._attn_implementation != impl:
+            cfg._attn_implementation = impl
+        for d, p in zip(drops, ps):
+            d.p = p
+
+
+def _selects_hidden_states(encoder: nn.Module) -> bool:
+    """Whether ``output_hidden_states`` may list indices (transformers 5 models with output capturing)."""
+    return "hidden_states" in (getattr(type(encoder), "_can_record_outputs", None) or {})
 
 
 class EncoderClassifier(nn.Module):
@@ -94,11 +130,23 @@ class EncoderClassifier(nn.Module):
     def num_layers(self) -> int:
         return self.encoder.config.num_hidden_layers
 
-    def forward(self, input_ids, attention_mask, domains, token_type_ids=None, output_states=False, **_) -> Output:
-        out = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            output_hidden_states=True, output_attentions=output_states, return_dict=True,
-        )
+    def forward(self, input_ids, attention_mask, domains, token_type_ids=None, output_states=False, layers=None,
+                **_) -> Output:
+        """``output_states``: also return hidden states and attention maps (eager attention, no dropout
+        on the attention probabilities, see :func:`attention_maps`); ``layers`` (1..L, None: all) are
+        the layers whose states are kept, plus the embedding output. Otherwise the default attention
+        (SDPA) runs and no intermediate state is kept."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        hidden = attentions = None
+        if output_states:
+            keep = set(range(1, self.num_layers + 1) if layers is None else layers)
+            wanted = sorted({0} | keep) if _selects_hidden_states(self.encoder) else True
+            with attention_maps(self.encoder):
+                out = self.encoder(**inputs, output_hidden_states=wanted, output_attentions=True, return_dict=True)
+            hidden = tuple(h if i == 0 or i in keep else None for i, h in enumerate(out.hidden_states))
+            attentions = tuple(a if i in keep else None for i, a in enumerate(out.attentions, start=1))
+        else:
+            out = self.encoder(**inputs, return_dict=True)
         last = out.last_hidden_state
         features = mean_pool(last, attention_mask)
         if self.pooling == "mean":
@@ -111,8 +159,7 @@ class EncoderClassifier(nn.Module):
         domain_repr = torch.tanh(self.domain_proj(features + self.domain_embedding(domains)))
         return Output(
             logits=logits, domain_logits=self.domain_head(domain_repr), domain_repr=domain_repr, features=features,
-            hidden_states=out.hidden_states if output_states else None,
-            attentions=out.attentions if output_states else None,
+            hidden_states=hidden, attentions=attentions,
         )
 
     def num_parameters(self) -> int:
@@ -149,7 +196,7 @@ def build_student(spec: ModelConfig, teacher: EncoderClassifier, vocab_size: int
             raise ConfigError(f"student.init_from_teacher: student and teacher differ in {mismatch} (student, teacher); "
                               f"copying layers needs the same widths")
         cfg = t_cfg.__class__.from_dict({**t_cfg.to_dict(), "num_hidden_layers": cfg.num_hidden_layers})
-        encoder = AutoModel.from_config(cfg, attn_implementation="eager")
+        encoder = AutoModel.from_config(cfg)
         copy_layers_from_teacher(encoder, teacher.encoder, layer_map_mode)
     else:
         encoder = build_encoder(spec, vocab_size, max_length)
@@ -170,13 +217,18 @@ def _layers(encoder: nn.Module) -> nn.ModuleList:
 
 
 def copy_layers_from_teacher(student_encoder: nn.Module, teacher_encoder: nn.Module, mode: str = "exact") -> None:
-    """Copy the embeddings, pooler and teacher layer g(j) into student layer j (TinyBERT/DistilBERT practice)."""
+    """Copy teacher layer g(j) into student layer j and every weight outside the layers (embeddings,
+    pooler, MPNet's shared relative position bias) as is (TinyBERT/DistilBERT practice)."""
     s_layers, t_layers = _layers(student_encoder), _layers(teacher_encoder)
-    student_encoder.embeddings.load_state_dict(teacher_encoder.embeddings.state_dict())
     for j, g in enumerate(layer_map(len(s_layers), len(t_layers), mode)):
         s_layers[j].load_state_dict(t_layers[g - 1].state_dict())
-    if getattr(student_encoder, "pooler", None) is not None and getattr(teacher_encoder, "pooler", None) is not None:
-        student_encoder.pooler.load_state_dict(teacher_encoder.pooler.state_dict())
+    prefix = next(name for name, m in teacher_encoder.named_modules() if m is t_layers) + "."
+    student_state = student_encoder.state_dict()
+    shared = {k: v for k, v in teacher_encoder.state_dict().items() if not k.startswith(prefix) and k in student_state}
+    missing = sorted(k for k in student_state if not k.startswith(prefix) and k not in shared)
+    if missing:
+        raise ConfigError(f"init_from_teacher: the teacher has no weights for student parameter(s) {missing[:5]}")
+    student_encoder.load_state_dict(shared, strict=False)
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -205,7 +257,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     meta = json.loads((d / "model.json").read_text())
     enc_cfg = dict(meta["encoder_config"])
     cfg = AutoConfig.for_model(enc_cfg.pop("model_type"), **enc_cfg)
-    encoder = AutoModel.from_config(cfg, attn_implementation="eager")
+    encoder = AutoModel.from_config(cfg)
     if meta["kind"] == "student":
         model = Student(encoder, meta["num_labels"], meta["num_domains"], meta["teacher_hidden"], meta["pooling"])
     else:

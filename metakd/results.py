@@ -8,6 +8,11 @@ part (one part per trial), so any Parquet reader sees a table by globbing a dire
 
 ``accuracy`` is a fraction in [0, 1]; the analysis and the plots convert to % for display.
 
+A student job that several trials need (a baseline in a sweep over ``gamma2``) is trained once;
+every trial still lists it, and the rows of the trials that did not train it carry
+``reused_from`` (the trial that did). ``student_key`` names the trained student: count trainings
+with the rows whose ``reused_from`` is null; ``metakd.analysis`` counts each student once per cell.
+
 The writer replaces a part atomically, so a crash never leaves a truncated file and a
 resumed trial that writes its part again never duplicates rows. The reader needs neither
 Ray nor torch; pandas, ``pyarrow.parquet.read_table(<dir>)`` and DuckDB
@@ -24,12 +29,13 @@ import re
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-_S, _I, _F = pa.string(), pa.int64(), pa.float64()
+_S, _I, _F, _B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -42,6 +48,8 @@ RESULT_SCHEMA = pa.schema(
         ("split", _S),  # "dev" | "test"
         ("accuracy", _F),  # fraction in [0, 1]
         ("loss", _F),
+        ("majority_rate", _F),  # share of the most frequent label in this split of the domain
+        ("collapsed", _B),  # dev accuracy <= the dev split's majority rate (same value on both rows)
         ("gamma1", _F),
         ("gamma2", _F),
         ("sample_rate", _F),
@@ -58,6 +66,8 @@ RESULT_SCHEMA = pa.schema(
         ("student_intermediate", _I),
         ("teacher", _S),  # preset name or checkpoint
         ("teacher_key", _S),  # content hash of everything that determines the teacher
+        ("student_key", _S),  # content hash of everything that determines this student's result
+        ("reused_from", _S),  # trial that trained this student for its configuration; null: trained here
         ("teacher_epochs", _I),
         ("teacher_lr", _F),
         ("stage1_epochs", _I),
@@ -94,6 +104,9 @@ CURVE_SCHEMA = pa.schema(
 )
 
 SCHEMAS: dict[str, pa.Schema] = {"results": RESULT_SCHEMA, "curves": CURVE_SCHEMA}
+
+# Columns added after the first release: parts written before them read as null there.
+ADDED_LATER = {"results": ("majority_rate", "collapsed", "student_key", "reused_from")}
 
 # Columns with a closed set of values: a typo here would silently drop rows from analyses.
 _ALLOWED = {
@@ -141,12 +154,16 @@ def _coerce(value, name: str, typ: pa.DataType, row: int):
         if isinstance(value, numbers.Real) and float(value).is_integer():
             return int(value)
         raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if pa.types.is_boolean(typ):
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
     if pa.types.is_float64(typ):
         if isinstance(value, numbers.Real):
             value = float(value)
             return None if math.isnan(value) else value
         raise ValueError(f"{where}: expected a number, got {value!r}")
-    raise AssertionError(f"unhandled type {typ}")  # the schemas only use the three above
+    raise AssertionError(f"unhandled type {typ}")  # the schemas only use the four above
 
 
 def to_table(rows: list[dict], table: str = "results") -> pa.Table:
@@ -223,7 +240,9 @@ def _part_files(fs: pafs.FileSystem, directory: str) -> list[str]:
 
 
 def _int_as_nullable(typ: pa.DataType):
-    # Nullable integers stay integers (pandas would turn an int column with nulls into floats).
+    # Nullable integers / booleans stay so (pandas would make floats / objects of them with nulls).
+    if pa.types.is_boolean(typ):
+        return pd.BooleanDtype()
     return pd.Int64Dtype() if pa.types.is_int64(typ) else None
 
 
@@ -253,6 +272,9 @@ def load(path_or_uri: str, table: str = "results") -> pd.DataFrame:
     tables = []
     for f in files:
         t = pq.read_table(f, filesystem=fs)
+        for name in ADDED_LATER.get(table, ()):
+            if name not in t.column_names:
+                t = t.append_column(name, pa.nulls(len(t), schema.field(name).type))
         missing = [n for n in schema.names if n not in t.column_names]
         if missing:
             raise ValueError(f"{f} lacks column(s) {missing}: is it a {table!r} part?")

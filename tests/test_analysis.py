@@ -107,7 +107,7 @@ def test_improvement_rate_is_paired_by_seed(sweep_df):
     seed0, seed1 = (0.05 + 3 / 70) / 2, (0.10 + 0.0) / 2
     assert avg["mean"] == pytest.approx((seed0 + seed1) / 2)
     assert avg["std"] == pytest.approx(abs(seed0 - seed1) / SQRT2)
-    assert t.attrs == {"method": "metakd", "baseline": "kd_single", "split": "test"}
+    assert t.attrs == {"method": "metakd", "baseline": "kd_single", "split": "test", "collapsed": 0, "excluded": 0}
 
 
 def test_improvement_with_one_seed_has_nan_std(sweep_df):

@@ -1,5 +1,5 @@
-"""End-to-end sweeps on a local Ray instance: teacher reuse, DDP teachers, Parquet results,
-resume after the driver is killed. Each runs ``metakd sweep`` in a subprocess, as a user would.
+"""End-to-end sweeps on a local Ray instance: teacher and student reuse, DDP teachers, Parquet
+results, resume after the driver is killed. Each runs ``metakd sweep`` in a subprocess, as a user would.
 
 These are the slow tests of the suite (about a minute each on 2 cores).
 """
@@ -23,7 +23,7 @@ from metakd import results
 from metakd.config import load_sweep
 from metakd.storage import Store
 from metakd.sweep.space import DefineByRun, grid_space, trial_config
-from metakd.train.experiment import count_teacher_trainings
+from metakd.train.events import STUDENT, TEACHER, count_student_trainings, count_teacher_trainings, read_events
 
 pytestmark = pytest.mark.slow
 
@@ -64,30 +64,64 @@ def run_sweep(path: Path, storage: Path, timeout: int = 420) -> str:
     return proc.stdout + proc.stderr
 
 
-def test_teachers_are_trained_once_per_seed_with_ddp_and_results_are_tidy(tmp_path):
-    """3 gamma2 values x 2 seeds need exactly 2 meta-teachers; each trained by 2 DDP workers."""
+def test_teachers_and_baseline_students_are_trained_once_with_ddp_and_results_are_tidy(tmp_path):
+    """2 gamma2 values x 2 seeds x {metakd, kd_single} x 2 domains: 6 teachers (each trained once, by
+    2 DDP workers) and 12 distinct students (each kd_single one once per domain and seed, not once per
+    trial); still one result row per trial x seed x method x domain x split."""
     path = write_sweep(tmp_path, "reuse", {
-        "params": {"gamma2": {"type": "grid", "values": [0.0, 0.5, 1.0]}},
-        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1, "max_concurrent_trials": 2},
-    })
+        "params": {"gamma2": {"type": "grid", "values": [0.0, 1.0]}},
+        "resources": {"workers_per_trial": 2, "cpus_per_worker": 1, "student_workers": 2, "max_concurrent_trials": 2},
+    }, methods=["metakd", "kd_single"])
     storage = tmp_path / "store"
     out = run_sweep(path, storage)
     root = storage / "reuse"
     store = Store(str(root))
-    assert count_teacher_trainings(store) == 2, out[-3000:]
-    events = [json.loads(p.read_text()) for p in (root / "events" / "teacher_trained").glob("*.json")]
-    assert sorted(e["seed"] for e in events) == [0, 1]
-    for e in events:  # a real 2-rank DDP run: each rank saw half of the training set
+    assert count_teacher_trainings(store) == 2 * 3, out[-3000:]  # per seed: meta + single:alpha + single:beta
+    teachers = read_events(store, TEACHER)
+    assert sorted(e["seed"] for e in teachers) == [0, 0, 0, 1, 1, 1]
+    for e in teachers:  # a real 2-rank DDP run: each rank took half of every global batch
         assert e["world_size"] == 2
         assert e["rank_examples"] == math.ceil(e["train_examples"] / 2)
 
     df = results.load(str(root))
-    assert len(df) == 3 * 2 * 2 * 2  # gamma2 x seeds x domains x splits (one method)
-    assert set(df["status"]) == {"ok"}
-    assert sorted(df["gamma2"].unique()) == [0.0, 0.5, 1.0]
-    assert df["teacher_key"].nunique() == 2  # one per seed, shared across gamma2
-    assert df.groupby("seed")["teacher_key"].nunique().tolist() == [1, 1]
+    assert len(df) == 2 * 2 * 2 * 2 * 2  # gamma2 x seeds x methods x domains x splits
     assert df.duplicated(["trial_id", "seed", "method", "domain", "split"]).sum() == 0
+    assert set(df["status"]) == {"ok"}
+    assert sorted(df["gamma2"].unique()) == [0.0, 1.0]
+    assert df["teacher_key"].nunique() == 6 and df[df["method"] == "metakd"]["teacher_key"].nunique() == 2
+    assert df.groupby(["method", "seed"])["teacher_key"].nunique().to_dict() == {
+        ("kd_single", 0): 2, ("kd_single", 1): 2, ("metakd", 0): 1, ("metakd", 1): 1}
+
+    # each distinct student job trained once: 2 x 2 x 2 metakd + 2 x 2 kd_single
+    students = read_events(store, STUDENT)
+    assert count_student_trainings(store) == len(students) == df["student_key"].nunique() == 12
+    kd = [e for e in students if e["method"] == "kd_single"]
+    assert sorted((e["seed"], e["domain"]) for e in kd) == [(0, "alpha"), (0, "beta"), (1, "alpha"), (1, "beta")]
+    # the kd_single rows of the trials that did not train it name the trial that did
+    kd_rows = df[df["method"] == "kd_single"]
+    for _, g in kd_rows.groupby(["seed", "domain", "split"]):
+        assert len(g) == 2 and g["student_key"].nunique() == 1 and g["accuracy"].nunique() == 1
+        trainer = g.loc[g["reused_from"].isna(), "trial_id"]
+        assert len(trainer) == 1 and set(g["reused_from"].dropna()) == {trainer.item()}
+    assert df[df["method"] == "metakd"]["reused_from"].isna().all()
+    # every student started after its teacher was published
+    published = {e["key"]: e["end"] for e in teachers}
+    assert all(e["start"] >= published[e["teacher_key"]] for e in students)
+
+    # the analyses give the means of a sweep that trained every copy: a shared student counts once
+    from metakd import analysis
+
+    test = df[df["split"] == "test"]
+    long = analysis.main_table(df, "test")
+    cells = long[long["domain"] != analysis.AVERAGE].set_index(["method", "domain"])["mean"].sort_index()
+    every_copy = test.groupby(["method", "domain", "seed"])["accuracy"].mean().groupby(["method", "domain"]).mean()
+    once = test.drop_duplicates("student_key").groupby(["method", "domain", "seed"])["accuracy"].mean() \
+        .groupby(["method", "domain"]).mean()
+    assert cells.to_dict() == pytest.approx(every_copy.to_dict()) and cells.to_dict() == pytest.approx(once.to_dict())
+    fig4 = analysis.accuracy_vs_gamma2(df, "kd_single", "test")  # the baseline line: the same at every gamma2
+    avg = fig4[fig4["domain"] == analysis.AVERAGE]
+    assert len(avg) == 2 and avg["mean"].nunique() == 1
+
     assert df["accuracy"].between(0, 1).all() and (df["student_params"] > 0).all()
     assert df[df["split"] == "test"]["accuracy"].mean() > 0.7  # students learned (chance is 0.5)
     assert (df["latency_ms_b1"] > 0).all() and (df["latency_ms_b32"] > 0).all()
@@ -97,7 +131,7 @@ def test_teachers_are_trained_once_per_seed_with_ddp_and_results_are_tidy(tmp_pa
 
     # a rerun of the finished sweep trains nothing and writes no new rows
     run_sweep(path, storage)
-    assert count_teacher_trainings(store) == 2
+    assert count_teacher_trainings(store) == 6 and count_student_trainings(store) == 12
     assert len(results.load(str(root))) == len(df)
 
 
@@ -133,6 +167,8 @@ def test_sweep_resumes_after_the_driver_is_killed(tmp_path):
     assert len(df) == 5 * 1 * 2 * 2
     assert df.duplicated(["gamma2", "seed", "method", "domain", "split"]).sum() == 0
     assert count_teacher_trainings(Store(str(storage / "resume"))) == trainings  # the teacher was reused
+    # no finished student was trained again (one whose training the kill interrupted left no event)
+    assert count_student_trainings(Store(str(storage / "resume"))) == df["student_key"].nunique() == 5 * 2
 
 
 def test_search_space_grid_and_define_by_run(tmp_path):
@@ -187,7 +223,8 @@ def test_metakd_run_with_ray_train_workers(tmp_path):
 
 
 def test_optuna_sweep_with_asha_keeps_rows_of_stopped_trials(tmp_path):
-    """Optuna (define-by-run, conditional parameter) + ASHA through Tune; every trial leaves rows."""
+    """Optuna (define-by-run, conditional parameter) + ASHA through Tune; every trial leaves rows.
+    Students are DDP runs of 2 ranks here (student_ddp)."""
     path = write_sweep(tmp_path, "optuna", {
         "algorithm": "optuna", "num_samples": 3, "metric": "dev_accuracy", "mode": "max",
         "params": {"gamma1": {"type": "uniform", "low": 0.0, "high": 1.0},
@@ -195,7 +232,8 @@ def test_optuna_sweep_with_asha_keeps_rows_of_stopped_trials(tmp_path):
                    "distill.temperature": {"type": "loguniform", "low": 0.5, "high": 4.0,
                                            "when": {"distill.pred_loss": "kl"}}},
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-        "resources": {"max_concurrent_trials": 1},
+        # each student trained by 2 DDP ranks (student_ddp), one job at a time
+        "resources": {"max_concurrent_trials": 1, "student_workers": 2, "student_ddp": True},
     }, seeds=[0])
     storage = tmp_path / "store"
     out = run_sweep(path, storage)
@@ -206,6 +244,9 @@ def test_optuna_sweep_with_asha_keeps_rows_of_stopped_trials(tmp_path):
     assert all(("distill.temperature" in p) == (p["distill.pred_loss"] == "kl") for p in params)
     assert df.groupby("trial_id").size().min() >= 2  # at least one student (dev + test) per trial
     assert count_teacher_trainings(Store(root)) == 3  # gamma1 differs per trial: 3 meta-teachers
+    students = read_events(Store(root), STUDENT)
+    assert students and all(e["world_size"] == 2 and e["rank"] == 0 for e in students)
+    assert len({e["key"] for e in students}) == len(students) == df["student_key"].nunique()
     assert "best configuration" in out
 
     from metakd.analysis import search_summary

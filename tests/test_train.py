@@ -16,14 +16,15 @@ import torch.nn.functional as F
 
 from metakd import results
 from metakd.config import ModelConfig, from_dict
-from metakd.data import EncodedSplit
-from metakd.models import build_student, build_teacher
+from metakd.data import EncodedSplit, load_prepared
+from metakd.models import build_student, build_teacher, load_model
 from metakd.storage import Store
 from metakd.train.experiment import LocalRegistry, count_teacher_trainings, ensure, plan
 from metakd.train.loop import evaluate
 from metakd.train.run import format_table, run_local
 from metakd.train.student import Distiller, running_metrics
 from metakd.train.teacher import compute_prototype_scores, teacher_spec
+from metakd.train.teacher_cache import TeacherOutputs
 
 # Tuned to learn reliably in a few seconds on 2 CPU cores: a small vocabulary (each polarity
 # word is seen often), no label noise, batch 16 (enough optimiser steps on 162 examples).
@@ -132,6 +133,18 @@ def test_teacher_artifacts_exist_and_parse(base_run):
     assert not torch.allclose(scores, torch.ones_like(scores))  # prototype weighting is on
     assert scores.abs().max() <= 1.0 + 1e-5  # convex combinations of cosines
     assert count_teacher_trainings(Store(str(root))) == 1
+    # the frozen teacher computed once: its outputs on every training example, for the prepared data it saw
+    prepared = load_prepared(next((root / "data").glob("*/meta.json")).parent)
+    outputs = TeacherOutputs.load(str(d), prepared.key, "cpu")
+    assert outputs is not None and outputs.logits.shape == (n_train, 2)
+    teacher = load_model(d).eval()
+    rows = prepared.train.select(torch.arange(5))
+    with torch.no_grad():
+        ref = teacher(**rows.to_dict())
+    assert torch.allclose(outputs.logits[rows.index], ref.logits, atol=1e-5)
+    assert torch.allclose(outputs.domain_repr[rows.index], ref.domain_repr, atol=1e-5)
+    # the prototype features it was scored with are a shared artifact
+    assert len(Store(str(root)).list_dirs("features")) == 1
 
 
 def test_two_stage_curve_has_both_stages(base_run):
@@ -355,19 +368,26 @@ def _split(n_per_domain=4):
                         labels=torch.tensor([0, 1] * n_per_domain), domains=domains)
 
 
-def test_prototype_weighting_false_gives_ones(pair):
-    teacher = pair[0]
+def _features(model, split):
+    """E(x) of the frozen model, rows by index (what metakd.train.features stores)."""
+    from metakd.train.features import encoder_features
+    from metakd.train.runtime import LocalRuntime
+
+    return encoder_features(model, split, LocalRuntime("cpu"))
+
+
+def test_prototype_weighting_false_gives_ones():
     cfg = _cfg(meta_teacher={"prototype_weighting": False})
-    scores = compute_prototype_scores(teacher, _split(), [0, 1], cfg, "cpu")
+    scores = compute_prototype_scores(torch.zeros(8, 0), _split(), [0, 1], cfg)
     assert torch.equal(scores, torch.ones(8))
 
 
 def test_prototype_scores_for_a_subset_of_domains(pair):
     teacher = pair[0]
     split = _split()
-    scores = compute_prototype_scores(teacher, split, [0], _cfg(), "cpu")
+    scores = compute_prototype_scores(_features(teacher, split), split, [0], _cfg())
     assert torch.equal(scores[4:], torch.ones(4))  # domain 1 is not among the teacher's domains
-    teacher.eval()  # compute_prototype_scores scores in eval mode and leaves the model in train mode
+    teacher.eval()
     with torch.no_grad():
         feats = teacher(**split.for_domains([0]).to_dict()).features
     labels = split.labels[:4]

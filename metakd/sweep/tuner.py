@@ -1,20 +1,23 @@
 """``metakd sweep``: a Ray Tune ``Tuner`` whose trials run Ray Train ``TorchTrainer`` fits.
 
 The three roles of Ray's Tune-over-Train pattern, under these names:
-- per-worker functions: ``metakd.train.teacher.teacher_worker`` / ``metakd.train.student.student_worker``;
-- per-trial driver: :func:`trial_driver` (a Tune function trainable) that makes sure the trial's
-  teachers exist (training the missing ones, once per sweep) and fits its students, with
-  metrics forwarded to Tune by ``TuneReportCallback``;
+- per-worker functions: ``metakd.train.workers.teacher_worker`` / ``student_worker``, which
+  pull teachers and student jobs from the sweep's registry;
+- per-trial driver: :func:`trial_driver` (a Tune function trainable) that starts teacher and
+  student runs as soon as there is work and room (``metakd.train.schedule``), writes the
+  trial's rows after every finished student and reports them to Tune;
 - the Tuner: :func:`run_sweep`, deterministic run name, resumed with ``Tuner.restore``.
 
-Layout under ``<storage>/<name>/``: ``data/`` and ``teachers/`` (content-addressed artifacts),
-``results/`` and ``curves/`` (Parquet, one part per trial), ``tune/`` (Tune's experiment
-state), ``train/`` (Ray Train run state), ``events/`` (one file per teacher training).
+Layout under ``<storage>/<name>/``: ``data/``, ``teachers/`` and ``students/`` (content-addressed
+artifacts), ``results/`` and ``curves/`` (Parquet, one part per trial), ``tune/`` (Tune's
+experiment state), ``train/`` (Ray Train run state), ``events/`` (one file per teacher or
+student training).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -23,11 +26,13 @@ from pathlib import Path
 from .. import analysis, results
 from ..config import ExperimentConfig, ResourcesConfig, content_hash
 from ..storage import Store, is_uri
-from ..train.experiment import count_teacher_trainings, run_experiment
+from ..train.events import count_student_trainings, count_teacher_trainings
+from ..train.experiment import run_experiment
+from ..train.ray_runner import RayRunner
+from ..train.registry import RegistryClient, ray_registry
 from ..train.rows import curve_rows, result_rows
 from ..train.student import running_metrics
-from ..train.ray_runner import RayRunner
-from .registry import RayRegistry, registry_actor
+from .progress import SweepConsole
 from .space import make_search, trial_config
 
 DRIVER_RESOURCE = "trial_driver"
@@ -39,10 +44,14 @@ def sweep_root(storage: str, name: str) -> str:
     return str(Path(os.path.expanduser(storage)).resolve() / name)
 
 
+def sweep_registry(sweep: str, owner: str) -> RegistryClient:
+    """The sweep's registry actor (detached, named after the sweep): claims, admissions, training log."""
+    return ray_registry(f"registry-{sweep}", owner)
+
+
 def trial_driver(params: dict, base: dict, sweep: str, root: str) -> None:
     """Per-trial driver (Tune function trainable): one configuration, all its seeds and methods."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
     # Parts are named by the configuration, not the trial id: a configuration rerun after a
@@ -51,20 +60,26 @@ def trial_driver(params: dict, base: dict, sweep: str, root: str) -> None:
     cfg = trial_config(base, params)
     resources = ResourcesConfig(**base["search"]["resources"])
     store = Store(root)
-    registry = RayRegistry(registry_actor(sweep), owner=trial_id)
-    runner = RayRunner(resources, storage_path=f"{root}/train", run_prefix=trial_id,
-                       student_callbacks=[TuneReportCallback()])
+    registry = sweep_registry(sweep, owner=trial_id)
+    runner = RayRunner(resources, storage_path=f"{root}/train")
     log = lambda msg: print(f"[{trial_id}] {msg}", flush=True)  # noqa: E731
     log("config: " + json.dumps(params, sort_keys=True))
+
+    def on_students(new: list[dict], so_far: list[dict]) -> None:
+        # rows after every student: an early-stopped (ASHA) or killed trial keeps what finished
+        results.write_part(root, result_rows(cfg, sweep, trial_id, so_far, params), part)
+        for _ in new:  # one report per finished student, as ASHA's time_attr counts them
+            tune.report(running_metrics(so_far, cfg.methods))
+
     try:
-        out = run_experiment(cfg, store, registry, runner, log, rows_part={
-            "root": root, "sweep": sweep, "trial_id": trial_id, "part": part, "search_params": params})
+        out = run_experiment(cfg, store, registry, runner, log, on_students=on_students,
+                             source={"trial_id": trial_id, "part": part}, run_prefix=trial_id)
     except Exception:
         results.write_part(root, _finished_rows(root, part) + _failed_rows(cfg, sweep, trial_id, params), part)
         raise
     finally:
         registry.close()
-    # the results part is already complete: the student worker rewrites it after every student
+    # the results part is already complete: on_students rewrote it after every student
     results.write_part(root, curve_rows(sweep, trial_id, out["students"], out["teachers_trained"]), part, "curves")
     final = running_metrics(out["students"], cfg.methods)
     tune.report({**final, "teachers_trained": len(out["teachers_trained"]), "done": True})
@@ -85,22 +100,30 @@ def _failed_rows(cfg: ExperimentConfig, sweep: str, trial_id: str, params: dict)
     return result_rows(cfg, sweep, trial_id, stub, params, status="failed")
 
 
-def connect(address: str | None, resources: ResourcesConfig) -> str:
-    """Join the running cluster (inside ``ray job submit`` or with --address), else start a local one."""
+def connect(address: str | None, resources: ResourcesConfig, verbose: bool = False) -> str:
+    """Join the running cluster (inside ``ray job submit`` or with --address), else start a local one.
+
+    Without ``verbose`` the workers' and trial drivers' output stays in Ray's log files and Ray
+    logs warnings only: the console shows :class:`SweepConsole`'s lines instead.
+    """
     import ray
 
     if ray.is_initialized():
         return "already connected"
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    if not verbose:  # said on every start, also when all is well; the "disabled" warning stays
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda record: "Token authentication is enabled" not in record.getMessage())
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
         return f"connected to {address}"
     cpus = os.cpu_count() or 2
     # Trial drivers take a custom resource instead of a CPU: with 2 cores, drivers holding CPUs
     # would starve their own Train workers (WorkerGroupStartupTimeoutError, retried forever).
     ray.init(address="local", num_cpus=cpus, num_gpus=None, resources={DRIVER_RESOURCE: 1000},
-             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-    return f"started a local Ray instance ({cpus} CPUs)"
+             include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
+    return f"started a local Ray instance ({cpus} CPUs; dashboard http://127.0.0.1:8265)"
 
 
 def driver_resources() -> dict:
@@ -113,7 +136,7 @@ def driver_resources() -> dict:
     return {"CPU": 1}
 
 
-def build_tuner(cfg: ExperimentConfig, sweep: str, root: str):
+def build_tuner(cfg: ExperimentConfig, sweep: str, root: str, verbose: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -121,10 +144,17 @@ def build_tuner(cfg: ExperimentConfig, sweep: str, root: str):
     base = cfg.to_dict()
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base=base, sweep=sweep, root=root), driver_resources())
+    # verbose: Tune's own table and result blocks; else only SweepConsole's (Tune's reporter silent)
+    console = SweepConsole(sweep, s.metric, list(s.params), table_every_s=float("inf") if verbose else 30.0)
     tune_dir = f"{root}/tune"
     if tune.Tuner.can_restore(tune_dir):
         print(f"resuming sweep '{sweep}' from {tune_dir}", flush=True)
-        return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # the restored RunConfig is the first run's: take this run's console and verbosity
+        run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
+        if run_config is not None:
+            run_config.callbacks, run_config.verbose = [console], int(verbose)
+        return tuner
     param_space, search_alg = make_search(cfg)
     scheduler = None
     if s.scheduler is not None:
@@ -135,13 +165,13 @@ def build_tuner(cfg: ExperimentConfig, sweep: str, root: str):
         metric=s.metric, mode=s.mode, search_alg=search_alg, scheduler=scheduler, num_samples=s.num_samples,
         max_concurrent_trials=s.resources.max_concurrent_trials,
     )
-    run_config = tune.RunConfig(name="tune", storage_path=root, verbose=1,
+    run_config = tune.RunConfig(name="tune", storage_path=root, verbose=int(verbose), callbacks=[console],
                                 failure_config=tune.FailureConfig(max_failures=0))
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
 def run_sweep(cfg: ExperimentConfig, address: str | None = None, storage: str | None = None,
-              name: str | None = None, yaml_path: str | None = None) -> int:
+              name: str | None = None, yaml_path: str | None = None, verbose: bool = False) -> int:
     sweep = name or cfg.name
     storage = storage or cfg.search.storage
     if not is_uri(storage) and (address or os.environ.get("RAY_ADDRESS")) and not storage.startswith("/"):
@@ -151,21 +181,23 @@ def run_sweep(cfg: ExperimentConfig, address: str | None = None, storage: str | 
     root = sweep_root(storage, sweep)
     # Save Tune's experiment state often: a driver killed between saves reruns those trials.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    if not verbose:
+        # Tune's reporter prints an experiment banner even when silent; the legacy one does not
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     start = time.perf_counter()
     print(f"metakd sweep '{sweep}' ({yaml_path or 'config'}): {cfg.search.algorithm}, "
           f"{len(cfg.search.params)} searched parameters {sorted(cfg.search.params)}, methods {cfg.methods}, "
           f"seeds {cfg.seeds}; storage {root}", flush=True)
-    print(connect(address, cfg.search.resources), flush=True)
-    import ray
-
-    actor = registry_actor(sweep)
-    ray.get(actor.reset.remote())
-    tuner = build_tuner(cfg, sweep, root)
+    print(connect(address, cfg.search.resources, verbose), flush=True)
+    registry = sweep_registry(sweep, owner="sweep")
+    registry.reset()
+    tuner = build_tuner(cfg, sweep, root, verbose)
     grid = tuner.fit()
     errors = [r for r in grid if r.error is not None]
     print_summary(cfg, sweep, root, grid, time.perf_counter() - start)
     if errors:
-        print(f"{len(errors)} trial(s) failed; rerun the same command to retry them", file=sys.stderr)
+        print(f"{len(errors)} trial(s) failed; rerun the same command to retry them (--verbose shows the "
+              f"workers' output)", file=sys.stderr)
         return 1
     return 0
 
@@ -190,5 +222,10 @@ def print_summary(cfg: ExperimentConfig, sweep: str, root: str, grid, seconds: f
             print(f"\nper-method {split} accuracy (%), mean ± std over trials and seeds:\n{table.to_string()}")
         except ValueError as e:
             print(f"no {split} table: {e}")
-    print(f"\nteacher trainings so far in this sweep: {count_teacher_trainings(Store(root))}; "
-          f"results: {root}/results/  (metakd results {root})")
+    print(analysis.describe_collapsed(df) or "no collapsed students")
+    store = Store(root)
+    students = df[(df["status"] == "ok") & (df["split"] == "test")]
+    reused = int(students["reused_from"].notna().sum())
+    print(f"\ntrainings so far in this sweep: {count_teacher_trainings(store)} teachers, "
+          f"{count_student_trainings(store)} students ({len(students)} student rows, {reused} reused from "
+          f"another trial); results: {root}/results/  (metakd results {root})")

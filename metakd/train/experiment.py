@@ -1,60 +1,77 @@
-"""One experiment (or one sweep trial): prepared data -> teachers (each trained once) -> students.
+"""One experiment (or one sweep trial): prepared data -> its teachers and student jobs, each
+trained once (by whoever claims it first) and reused from the store afterwards.
 
 The same function serves ``metakd run`` (in-process or on a local Ray instance) and every
-sweep trial; what differs is the *runner* (how worker functions run) and the *registry*
-(who may train a missing artifact).
+sweep trial; what differs is the *runner* (how runs of the per-worker functions start: threads
+here, ``TorchTrainer`` fits in :mod:`metakd.train.ray_runner`) and the *registry* (who may train
+a missing artifact, :mod:`metakd.train.registry`).
 """
 
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
-import uuid
-from dataclasses import asdict
-from typing import Callable, Protocol
+from dataclasses import fields
+from typing import Callable
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, ModelConfig, content_hash
 from ..data import data_key, prepare
 from ..storage import Store
-from .student import student_worker
-from .teacher import TeacherSpec, teacher_spec, teacher_worker
+from .events import count_student_trainings, count_teacher_trainings  # noqa: F401 (re-exported)
+from .registry import LocalRegistry, RegistryClient  # noqa: F401 (LocalRegistry re-exported)
+from .schedule import TrialSchedule
+from .student import META_METHODS
+from .teacher import TeacherSpec, teacher_spec
+from .workers import student_worker, teacher_worker
 
+Registry = RegistryClient  # claim / finish / release / states / admit ...: metakd.train.registry
 
-class Registry(Protocol):
-    def claim(self, key: str) -> str: ...  # "mine" | "wait" | "done"
-    def finish(self, key: str) -> None: ...
-    def release(self, key: str) -> None: ...  # the owner failed: the next claim gets it
-
-
-class LocalRegistry:
-    """One process: whoever asks first trains."""
-
-    def __init__(self):
-        self.state: dict[str, str] = {}
-
-    def claim(self, key: str) -> str:
-        if self.state.get(key) == "done":
-            return "done"
-        if self.state.get(key) == "running":
-            return "wait"
-        self.state[key] = "running"
-        return "mine"
-
-    def finish(self, key: str) -> None:
-        self.state[key] = "done"
-
-    def release(self, key: str) -> None:
-        self.state.pop(key, None)
+STUDENT_VERSION = "student-v1"  # bump when student training changes so that stale results are not reused
+# sections that never reach a student (run bookkeeping, or covered by the teacher key)
+_NOT_STUDENT = ("name", "methods", "seeds", "output_dir", "search", "data", "teacher", "student", "meta_teacher",
+                "distill")
+# distillation settings only the distillation methods read; student_ft fine-tunes with epochs, lr, ...
+_DISTILL_ONLY = ("gamma2", "schedule", "stage1_epochs", "stage1_lr", "stage2_epochs", "stage2_lr", "temperature",
+                 "pred_loss", "teacher_cache", "teacher_cache_gb")
 
 
 class LocalRunner:
-    """Runs the worker functions in this process (tests, ``metakd run`` without Ray)."""
+    """Runs the per-worker functions in this process, one run at a time (tests, ``metakd run``
+    without Ray): the teachers first, then the students."""
 
-    def train_teachers(self, config: dict) -> list[dict]:
-        return teacher_worker({**config, "runtime": "local"})
+    poll_s = 0.05
 
-    def train_students(self, config: dict) -> list[dict]:
-        return student_worker({**config, "runtime": "local"})
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active = 0
+
+    def demand(self, kind: str) -> dict:
+        return {"run": 1.0}
+
+    def workers(self, kind: str, units: int) -> int:
+        return 1
+
+    def max_units(self, kind: str) -> int:
+        return 1
+
+    def available(self) -> dict:
+        return {"run": 0.0 if self._active else 1.0}
+
+    def fits(self, per_unit: dict) -> bool:
+        return True
+
+    def combined(self) -> bool:
+        return False
+
+    def start(self, kind: str, config: dict, workers: int, run_id: str) -> list[dict]:
+        fn = teacher_worker if kind == "teachers" else student_worker
+        with self._lock:
+            self._active += 1
+            try:
+                return fn({**config, "runtime": "local"})
+            finally:
+                self._active -= 1
 
 
 def ensure(store: Store, registry: Registry, items: dict[str, str], build: Callable[[list[str]], None],
@@ -120,8 +137,35 @@ def ensure_data(cfg: ExperimentConfig, store: Store, registry: Registry, log=pri
     return rels
 
 
+def student_identity(cfg: ExperimentConfig, method: str, domain: str, seed: int, teacher_key: str | None) -> dict:
+    """Exactly what determines a student job's result: its teacher, method, domain, seed, the
+    student model, the data, and the settings this method reads.
+
+    gamma2 enters only for metakd / metakd_no_target; student_ft (no teacher) keeps the
+    fine-tuning settings and the teacher's architecture (its layer map, ``init_from_teacher``)
+    but no distillation setting. A sweep over gamma2 thus shares every baseline student.
+    """
+    full = cfg.to_dict()
+    distill = dict(full["distill"])
+    if method == "student_ft":
+        distill = {k: v for k, v in distill.items() if k not in _DISTILL_ONLY}
+    elif method not in META_METHODS:
+        distill.pop("gamma2")
+    ident = {"version": STUDENT_VERSION, "method": method, "domain": domain, "seed": seed,
+             "teacher_key": teacher_key, "student": full["student"], "data": full["data"], "distill": distill,
+             "run": {k: v for k, v in full.items() if k not in _NOT_STUDENT}}  # device, precision, ...
+    if teacher_key is None:
+        model_fields = {f.name for f in fields(ModelConfig)}
+        ident["teacher_model"] = {k: v for k, v in full["teacher"].items() if k in model_fields}
+    return ident
+
+
 def plan(cfg: ExperimentConfig, domains: list[str]) -> tuple[list[TeacherSpec], list[dict]]:
-    """The distinct teachers and the student jobs of an experiment, over all seeds and methods."""
+    """The distinct teachers and the student jobs of an experiment, over all seeds and methods.
+
+    A job: method, domain, seed, teacher_key / teacher_rel (None for student_ft), and its own
+    ``key`` (a content hash of :func:`student_identity`) with ``rel`` = ``students/<key>``.
+    """
     specs: dict[str, TeacherSpec] = {}
     jobs = []
     for seed in cfg.seeds:
@@ -132,51 +176,48 @@ def plan(cfg: ExperimentConfig, domains: list[str]) -> tuple[list[TeacherSpec], 
                 spec = teacher_spec(cfg, method, domain, seed)
                 if spec is not None:
                     specs.setdefault(spec.key, spec)
-                jobs.append({"method": method, "domain": domain, "seed": seed,
+                key = content_hash(student_identity(cfg, method, domain, seed, spec.key if spec else None))
+                jobs.append({"method": method, "domain": domain, "seed": seed, "key": key, "rel": f"students/{key}",
                              "teacher_key": spec.key if spec else None, "teacher_rel": spec.rel if spec else None})
     return list(specs.values()), jobs
 
 
 def run_experiment(cfg: ExperimentConfig, store: Store, registry: Registry, runner, log=print,
-                   rows_part: dict | None = None) -> dict:
-    """Prepare data, make sure every needed teacher exists (training the missing ones), train the students.
+                   on_students: Callable[[list[dict], list[dict]], None] | None = None,
+                   source: dict | None = None, run_prefix: str = "run") -> dict:
+    """Prepare data, then train every missing teacher and student job as soon as it can start
+    (:class:`metakd.train.schedule.TrialSchedule`), reusing whatever the store already holds.
 
-    ``rows_part`` ({root, sweep, trial_id, part, search_params}) makes the student worker write
-    the results part after every finished student, so a trial stopped early (ASHA) or killed
-    keeps the rows it has.
+    ``source`` ({trial_id, part}) is recorded with every student trained here; a result whose
+    ``part`` differs (another trial's configuration trained the same job) comes back with
+    ``reused_from`` = that trial's id. ``on_students(new, so_far)`` is called whenever jobs
+    finish, so a sweep trial writes its rows after every student.
 
-    Returns {"students": [...], "teachers_trained": [...], "teacher_keys": [...], "domains": [...]}.
+    Returns {"students": [...] (job order), "teachers_trained": [...], "teacher_keys": [...],
+    "domains": [...]}.
     """
+    source = source or {"trial_id": run_prefix, "part": run_prefix}
     data_rels = ensure_data(cfg, store, registry, log)
     domains = store.read_json(f"{next(iter(data_rels.values()))}/meta.json")["domains"]
     specs, jobs = plan(cfg, domains)
-    common = {"experiment": cfg.to_dict(), "store": store.root, "data": {str(s): r for s, r in data_rels.items()}}
-    trained: list[dict] = []
-    by_key = {s.key: s for s in specs}
+    common = {"experiment": cfg.to_dict(), "store": store.root, "data": {str(s): r for s, r in data_rels.items()},
+              "registry": registry, "source": source}
 
-    def build(keys: list[str]) -> None:
-        log(f"training {len(keys)} teacher(s): " + ", ".join(f"{by_key[k].kind}/{k}" for k in keys))
-        summaries = runner.train_teachers({**common, "specs": [asdict(by_key[k]) for k in keys]})
-        for s in summaries:
-            store.write_json(f"events/teacher_trained/{s['key']}-{uuid.uuid4().hex[:8]}.json",
-                             {k: v for k, v in s.items() if k != "curve"})
-        trained.extend(summaries)
+    def annotate(results: list[dict]) -> list[dict]:
+        for r in results:
+            by = r.get("trained_by") or {}
+            r["reused_from"] = by.get("trial_id") if by.get("part") != source["part"] else None
+        return results
 
-    reused = len(specs) - len(ensure(store, registry, {s.key: s.rel for s in specs}, build, log))
+    def finished(new: list[dict], so_far: list[dict]) -> None:
+        if on_students is not None:
+            on_students(annotate(new), annotate(so_far))
+
+    schedule = TrialSchedule(specs, jobs, common, store, registry, runner, run_prefix, log, finished,
+                             getattr(runner, "poll_s", 1.0))
+    students, trained = schedule.run()
+    reused = len(specs) - len(trained)
     if specs:
-        log(f"teachers: {len(specs)} needed, {len(specs) - reused} trained here, {reused} reused")
-    students = runner.train_students({**common, "jobs": jobs, "rows_part": rows_part}) if jobs else []
-    return {"students": students, "teachers_trained": trained, "teacher_keys": [s.key for s in specs],
+        log(f"teachers: {len(specs)} needed, {len(trained)} trained here, {reused} reused")
+    return {"students": annotate(students), "teachers_trained": trained, "teacher_keys": [s.key for s in specs],
             "domains": domains}
-
-
-def count_teacher_trainings(store: Store) -> int:
-    """How many teacher trainings ever ran against this store (one event file per training)."""
-    return len([1 for _ in _list_files(store, "events/teacher_trained")])
-
-
-def _list_files(store: Store, rel: str):
-    import pyarrow.fs as pafs
-
-    sel = pafs.FileSelector(store.path(rel), allow_not_found=True)
-    return [i.path for i in store.fs.get_file_info(sel) if i.type == pafs.FileType.File and i.path.endswith(".json")]

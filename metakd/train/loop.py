@@ -1,7 +1,10 @@
 """The one loop skeleton every method uses: AdamW with linear warmup, epochs, evaluation,
-best-checkpoint keeping, per-epoch checkpoints for resume, progress lines.
+best-checkpoint keeping, epoch checkpoints for resume, progress lines.
 
 Methods differ only in ``loss_step(model, batch) -> scalar loss``.
+
+The loss stays on the device between log lines: reading it (``float``) waits for the GPU,
+so it is read only when a progress line is due and at the end of an epoch.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
+from .precision import autocast
 from .runtime import LocalRuntime, unwrap
 
 LOG_EVERY_S = 30.0
@@ -35,8 +39,10 @@ class StageSettings:
     lr: float
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
-    keep_best: bool = True  # restore the best dev-accuracy weights at the end
+    keep_best: bool = True  # restore the best dev-accuracy weights at the end; False: evaluate only the last epoch
     max_grad_norm: float = 1.0
+    checkpoint_interval_s: float = 0.0  # resumable checkpoints at most this often (runtimes with epoch_checkpoints)
+    precision: str = "fp32"  # auto | fp32 | bf16: the autocast of forward + loss (metakd.train.precision)
 
 
 @dataclass
@@ -44,20 +50,48 @@ class StageResult:
     best_dev: float
     curve: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_epochs: int = 0  # epochs restored from a checkpoint instead of trained in this call
+    epoch_examples: list[int] = field(default_factory=list)  # examples this rank trained on, per epoch trained here
 
 
-def optimizer_for(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+class LossOf(torch.nn.Module):
+    """``loss_step(model, batch)`` as a module, for DDP to wrap.
+
+    DDP over the loss, not the model: DDP finds the parameters that get no gradient by walking
+    back from the forward's outputs. From the model's outputs it would also reach heads that a
+    loss step does not use (a CE teacher's domain head, a stage-2 student's W_h) and then wait
+    for their gradients forever; from the loss it reaches exactly the used ones, including
+    those a loss step applies outside the model's forward (W_h, W_d).
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_step: Callable[[torch.nn.Module, dict], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.loss_step = loss_step
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.loss_step(self.model, batch)
+
+
+def optimizer_for(model: torch.nn.Module, lr: float, weight_decay: float, device=None,
+                  params: list | None = None) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorm weights (or on ``params`` as given);
+    the fused CUDA kernel on a GPU (one launch for all parameters instead of several per tensor)."""
+    fused = torch.device(device).type == "cuda" if device is not None else False
+    if params is not None:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, domain_names: list[str], device) -> dict:
+def evaluate(model: torch.nn.Module, loader: DataLoader, domain_names: list[str], device,
+             precision: str = "fp32") -> dict:
     """Accuracy and mean cross-entropy per domain present in ``loader``, plus their average."""
     model = unwrap(model)
     was_training = model.training
@@ -67,9 +101,10 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, domain_names: list[str]
     loss_sum: dict[int, float] = {}
     for batch in loader:
         batch = to_device(batch, device)
-        out = model(**batch)
-        ce = F.cross_entropy(out.logits, batch["labels"], reduction="none")
-        hit = out.logits.argmax(-1) == batch["labels"]
+        with autocast(precision, device):
+            logits = model(**batch).logits.float()
+        ce = F.cross_entropy(logits, batch["labels"], reduction="none")
+        hit = logits.argmax(-1) == batch["labels"]
         for d in batch["domains"].unique().tolist():
             m = batch["domains"] == d
             correct[d] = correct.get(d, 0) + int(hit[m].sum())
@@ -92,73 +127,95 @@ def train_stage(
     tag: str,
     params: list | None = None,
 ) -> StageResult:
-    """Train ``model`` (already prepared by the runtime) with ``loss_step`` for one stage.
+    """Train ``model`` (on the runtime's device) with ``loss_step`` for one stage.
 
-    Resumes from the runtime's restored checkpoint when it belongs to this ``tag``/stage.
+    Resumes from the runtime's restored checkpoint when it belongs to this ``tag``/stage. The
+    optimizer takes ``epochs * len(train_loader)`` steps; with the sharded loaders of
+    :mod:`metakd.loader` that count does not depend on the number of workers.
     """
     device = runtime.device
-    opt = optimizer_for(unwrap(model), settings.lr, settings.weight_decay) if params is None else \
-        torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    model = unwrap(model)
+    step_loss = runtime.distribute(LossOf(model, loss_step))
+    opt = optimizer_for(model, settings.lr, settings.weight_decay, device, params)
     steps = max(1, settings.epochs * len(train_loader))
     sched = get_linear_schedule_with_warmup(opt, math.ceil(settings.warmup_ratio * steps), steps)
-    start_epoch, best_dev, best_state, curve = 0, -1.0, None, []
+    start_epoch, best_dev, best_epoch, best_state, curve, epoch_examples = 0, -1.0, -1, None, [], []
     ckpt_name = f"{tag}/{settings.name}"
     restored = _restore(runtime, ckpt_name)
     if restored is not None:
-        unwrap(model).load_state_dict(restored["model"])
+        model.load_state_dict(restored["model"])
         opt.load_state_dict(restored["optimizer"])
         sched.load_state_dict(restored["scheduler"])
         start_epoch, best_dev, curve = restored["epoch"] + 1, restored["best_dev"], restored["curve"]
+        best_epoch = restored.get("best_epoch", -1)
         best_state = restored.get("best_model")
+        if best_state is None and best_epoch == restored["epoch"]:  # the best weights are the saved ones
+            best_state = {k: v.detach().cpu().clone() for k, v in restored["model"].items()}
         runtime.log(f"[{tag}] {settings.name}: resumed after epoch {start_epoch}")
-    t0 = time.perf_counter()
+    t0 = last_checkpoint = time.perf_counter()
     step = start_epoch * len(train_loader)
     for epoch in range(start_epoch, settings.epochs):
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        for sampler in (getattr(train_loader, "batch_sampler", None), getattr(train_loader, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
         model.train()
-        running, n, last_log = 0.0, 0, time.perf_counter()
+        running, n, examples, last_log = torch.zeros((), device=device), 0, 0, time.perf_counter()
         for batch in train_loader:
-            loss = loss_step(model, to_device(batch, device))
+            examples += len(batch["labels"])
+            with autocast(settings.precision, device):
+                loss = step_loss(to_device(batch, device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             opt.step()
             sched.step()
-            running += float(loss.detach())
+            running += loss.detach()
             n += 1
             step += 1
             if time.perf_counter() - last_log > LOG_EVERY_S:  # long epochs: show they are moving
                 last_log = time.perf_counter()
                 runtime.log(f"[{tag}] {settings.name} epoch {epoch + 1}/{settings.epochs} "
-                            f"step {n}/{len(train_loader)} loss {running / n:.4f}")
-        dev = evaluate(model, dev_loader, domain_names, device)["average"] if dev_loader is not None else float("nan")
-        point = {"stage": settings.name, "epoch": epoch + 1, "step": step, "train_loss": running / max(n, 1),
-                 "dev_accuracy": dev, "seconds": time.perf_counter() - t0}
+                            f"step {n}/{len(train_loader)} loss {float(running) / n:.4f}")
+        last = epoch == settings.epochs - 1
+        # a stage that keeps its last epoch needs no dev accuracy before it
+        evaluated = dev_loader is not None and (settings.keep_best or last)
+        dev = evaluate(model, dev_loader, domain_names, device, settings.precision)["average"] if evaluated \
+            else float("nan")
+        epoch_examples.append(examples)
+        point = {"stage": settings.name, "epoch": epoch + 1, "step": step,
+                 "train_loss": float(running) / max(n, 1), "dev_accuracy": dev, "seconds": time.perf_counter() - t0}
         curve.append(point)
         if settings.keep_best and dev > best_dev:
-            best_dev = dev
-            best_state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+            best_dev, best_epoch = dev, epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         runtime.log(f"[{tag}] {settings.name} epoch {epoch + 1}/{settings.epochs} "
                     f"loss {point['train_loss']:.4f} dev {dev:.2%} ({point['seconds']:.1f}s)")
-        _checkpoint(runtime, ckpt_name, model, opt, sched, epoch, best_dev, best_state, curve)
+        # none after the last epoch: the caller saves the result next. Rank 0's clock decides for all ranks,
+        # since a checkpoint report is a collective.
+        due = time.perf_counter() - last_checkpoint >= settings.checkpoint_interval_s
+        if runtime.epoch_checkpoints and not last and runtime.agree(due):
+            _checkpoint(runtime, ckpt_name, model, opt, sched, epoch, best_dev, best_epoch, best_state, curve)
+            last_checkpoint = time.perf_counter()
     if settings.keep_best and best_state is not None:
-        unwrap(model).load_state_dict(best_state)
+        model.load_state_dict(best_state)
     if not settings.keep_best:
         best_dev = curve[-1]["dev_accuracy"] if curve else float("nan")
-    return StageResult(best_dev=best_dev, curve=curve, seconds=time.perf_counter() - t0)
+    return StageResult(best_dev=best_dev, curve=curve, seconds=time.perf_counter() - t0, resumed_epochs=start_epoch,
+                       epoch_examples=epoch_examples)
 
 
-def _checkpoint(runtime, name, model, opt, sched, epoch, best_dev, best_state, curve) -> None:
-    """Report a resumable checkpoint (Ray Train) after an epoch; a no-op in-process."""
-    if not runtime.epoch_checkpoints:
-        return
+def _checkpoint(runtime, name, model, opt, sched, epoch, best_dev, best_epoch, best_state, curve) -> None:
+    """Report a resumable checkpoint (Ray Train) after an epoch: what resume needs, no more.
+
+    Weights, AdamW moments, scheduler, epoch and curve; the best weights only when they are
+    not the current ones (``best_epoch`` says which epoch they come from).
+    """
     with tempfile.TemporaryDirectory(prefix="metakd-ckpt-") as d:
         if runtime.is_main:
             state = {"name": name, "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "epoch": epoch, "best_dev": best_dev, "curve": curve}
-            if best_state is not None:
+                     "scheduler": sched.state_dict(), "epoch": epoch, "best_dev": best_dev,
+                     "best_epoch": best_epoch, "curve": curve}
+            if best_state is not None and best_epoch != epoch:
                 state["best_model"] = best_state
             torch.save(state, os.path.join(d, "state.pt"))
         runtime.report({"stage": name, "epoch": epoch + 1, "best_dev": best_dev}, checkpoint_dir=d)

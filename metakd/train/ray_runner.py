@@ -1,7 +1,16 @@
-"""Run the per-worker functions as Ray Train workers: one ``TorchTrainer.fit()`` per call.
+"""Start runs of the per-worker functions as Ray Train workers: one ``TorchTrainer.fit()`` per run.
 
-A fit costs ~11 s of fixed overhead on a small machine, so a runner trains *all* missing
-teachers of a trial in one fit and *all* its students in another.
+A fit costs ~11 s of fixed overhead on a small machine, so a run's workers pull work until
+none is left (:mod:`metakd.train.workers`) instead of one fit per teacher or student.
+
+- teacher run: ``workers_per_trial`` workers of ``cpus_per_worker`` CPUs and ``gpus_per_worker``
+  GPUs, DDP ranks of one teacher at a time (NCCL on GPUs, gloo on CPUs);
+- student run: up to ``student_workers`` workers of ``cpus_per_worker`` CPUs and
+  ``student_gpus_per_worker`` GPUs (fractions allowed), each training its own jobs; with
+  ``student_ddp: true`` all of them are DDP ranks of one student at a time instead;
+- "both": when a teacher worker and a student worker are the same (``workers_per_trial: 1``,
+  equal GPUs per worker, no ``student_ddp``), a teacher run's one worker goes on to train student
+  jobs once no teacher is left to claim, instead of ending and leaving them to a new fit.
 """
 
 from __future__ import annotations
@@ -9,8 +18,9 @@ from __future__ import annotations
 import os
 
 from ..config import ResourcesConfig
-from .student import student_worker
-from .teacher import teacher_worker
+from .workers import student_worker, teacher_then_student_worker, teacher_worker
+
+WORKER_FN = {"teachers": teacher_worker, "students": student_worker, "both": teacher_then_student_worker}
 
 # Train V2 polls workers every 2 s and watches for preemption by default; both add seconds
 # to every short fit.
@@ -21,42 +31,70 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 class RayRunner:
-    """``TorchTrainer`` per call; ``callbacks`` (e.g. Tune's report callback) go to student fits only."""
+    """Starts teacher and student runs as ``TorchTrainer`` fits (see the module doc)."""
 
-    def __init__(self, resources: ResourcesConfig, storage_path: str, run_prefix: str,
-                 student_callbacks: list | None = None, max_failures: int = 1):
+    def __init__(self, resources: ResourcesConfig, storage_path: str, max_failures: int = 1):
         self.resources = resources
         self.storage_path = storage_path
-        self.run_prefix = run_prefix
-        self.student_callbacks = student_callbacks or []
         self.max_failures = max_failures
 
-    def _fit(self, fn, config: dict, name: str, workers: int, gpus: float, callbacks: list) -> list[dict]:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
+    def combined(self) -> bool:
+        """Whether teacher runs are "both" runs (see the module doc)."""
+        r = self.resources
+        return r.workers_per_trial == 1 and r.gpus_per_worker == r.student_gpus() and not r.student_ddp
+
+    def _per_worker(self, kind: str) -> dict:
+        r = self.resources
+        gpus = r.student_gpus() if kind == "students" else r.gpus_per_worker
+        return {"CPU": float(r.cpus_per_worker), **({"GPU": float(gpus)} if gpus else {})}
+
+    def demand(self, kind: str) -> dict:
+        """Resources of one admission unit: a whole teacher run; one student worker (a whole run with DDP)."""
+        ranks = self.workers(kind, 1)
+        return {res: v * ranks for res, v in self._per_worker(kind).items()}
+
+    def workers(self, kind: str, units: int) -> int:
+        if kind != "students":
+            return self.resources.workers_per_trial
+        return self.resources.student_workers if self.resources.student_ddp else units
+
+    def max_units(self, kind: str) -> int:
+        if kind != "students" or self.resources.student_ddp:
+            return 1
+        return self.resources.student_workers
+
+    def available(self) -> dict:
+        import ray
+
+        return ray.available_resources()
+
+    def fits(self, per_unit: dict) -> bool:
+        """Whether the cluster as it is now could hold one unit at all (else it has to scale up)."""
+        import ray
+
+        total = ray.cluster_resources()
+        return all(total.get(res, 0.0) >= need for res, need in per_unit.items())
+
+    def start(self, kind: str, config: dict, workers: int, run_id: str) -> list[dict]:
+        """Run one fit to its end; returns what its rank-0 worker trained."""
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        resources = {"CPU": self.resources.cpus_per_worker}
-        if gpus:
-            resources["GPU"] = gpus
+        per_worker = self._per_worker(kind)
+        gpus = per_worker.get("GPU", 0)
+        ddp = kind == "teachers" or (kind == "students" and self.resources.student_ddp)
         trainer = TorchTrainer(
-            fn,
-            train_loop_config={**config, "runtime": "ray"},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus), resources_per_worker=resources),
-            torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
-            run_config=RunConfig(name=f"{self.run_prefix}-{name}", storage_path=self.storage_path,
+            WORKER_FN[kind],
+            train_loop_config={**config, "runtime": "ray", "ddp": ddp},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus), resources_per_worker=per_worker),
+            # independent student workers never talk to each other: gloo, whatever the devices
+            torch_config=TorchConfig(backend="nccl" if gpus and ddp else "gloo"),
+            run_config=RunConfig(name=run_id, storage_path=self.storage_path,
                                  failure_config=FailureConfig(max_failures=self.max_failures),
-                                 callbacks=callbacks),
+                                 # resume needs only the latest checkpoint; older ones are deleted
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1)),
         )
         result = trainer.fit()
         if result.error is not None:
             raise result.error
         return result.return_value or []
-
-    def train_teachers(self, config: dict) -> list[dict]:
-        keys = "-".join(sorted(s["key"][:6] for s in config["specs"]))
-        return self._fit(teacher_worker, config, f"teachers-{keys}", self.resources.workers_per_trial,
-                         self.resources.gpus_per_worker, [])
-
-    def train_students(self, config: dict) -> list[dict]:
-        return self._fit(student_worker, config, "students", self.resources.student_workers,
-                         self.resources.student_gpus(), self.student_callbacks)

@@ -6,6 +6,28 @@ import json
 
 from ..config import ExperimentConfig
 
+# Accuracies and majority rates are both count / n of the same split; this only absorbs rounding.
+_COLLAPSE_TOLERANCE = 1e-9
+
+
+def majority_rate(labels) -> float:
+    """Share of the most frequent label: the accuracy of always predicting it (0.0 for no labels)."""
+    counts = {}
+    for y in (int(v) for v in labels):
+        counts[y] = counts.get(y, 0) + 1
+    return max(counts.values()) / len(labels) if counts else 0.0
+
+
+def is_collapsed(student: dict) -> bool | None:
+    """A student collapsed when its final dev accuracy is at or below its dev split's majority rate.
+
+    ``None`` when the summary lacks either number (a failed job, or one from an older version).
+    """
+    acc, rate = student.get("dev_accuracy"), student.get("dev_majority_rate")
+    if acc is None or rate is None:
+        return None
+    return bool(acc <= rate + _COLLAPSE_TOLERANCE)
+
 
 def result_rows(cfg: ExperimentConfig, sweep: str, trial_id: str, students: list[dict],
                 search_params: dict | None = None, status: str = "ok") -> list[dict]:
@@ -25,12 +47,13 @@ def result_rows(cfg: ExperimentConfig, sweep: str, trial_id: str, students: list
     }
     copied = ("seed", "method", "domain", "teacher_key", "train_seconds", "student_params", "teacher_params",
               "student_layers", "student_hidden", "student_heads", "student_intermediate",
-              "latency_ms_b1", "latency_ms_b32", "device")
+              "latency_ms_b1", "latency_ms_b32", "device", "student_key", "reused_from")
     rows = []
     for r in students:
         for split in ("dev", "test"):
             rows.append({**common, **{k: r.get(k) for k in copied}, "split": split,
-                         "accuracy": r[f"{split}_accuracy"], "loss": r[f"{split}_loss"]})
+                         "accuracy": r[f"{split}_accuracy"], "loss": r[f"{split}_loss"],
+                         "majority_rate": r.get(f"{split}_majority_rate"), "collapsed": is_collapsed(r)})
     return rows
 
 

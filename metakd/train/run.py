@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -22,14 +23,19 @@ def run_local(cfg: ExperimentConfig, root: str | None = None, use_ray: bool = Fa
         import ray
 
         from .ray_runner import RayRunner
+        from .registry import ray_registry
 
         if not ray.is_initialized():
             ray.init(address="local", include_dashboard=False, log_to_driver=True)
-        runner = RayRunner(cfg.search.resources if cfg.search else _default_resources(), str(store.local_root / "ray"),
-                           cfg.name)
+        runner = RayRunner(cfg.search.resources if cfg.search else _default_resources(), str(store.local_root / "ray"))
+        # Train workers are other processes: they reach the registry through a (run-scoped) actor
+        registry = ray_registry(f"run-{cfg.name}-{uuid.uuid4().hex[:8]}", "run", detached=False)
     else:
-        runner = LocalRunner()
-    out = run_experiment(cfg, store, LocalRegistry(), runner, log)
+        runner, registry = LocalRunner(), LocalRegistry()
+    try:
+        out = run_experiment(cfg, store, registry, runner, log)
+    finally:
+        registry.close()
     out["rows"] = result_rows(cfg, cfg.name, "run", out["students"])
     results.write_part(root, out["rows"], "run")
     results.write_part(root, curve_rows(cfg.name, "run", out["students"], out["teachers_trained"]), "run", "curves")
@@ -57,6 +63,9 @@ def run_and_report(cfg: ExperimentConfig, use_ray: bool = False) -> int:
     print(format_table(out["rows"], "dev"))
     print()
     print(format_table(out["rows"], "test"))
+    collapsed = analysis.describe_collapsed(pd.DataFrame(out["rows"]))
+    if collapsed:
+        print(f"\n{collapsed}")
     print(f"\n{len(out['students'])} students, {len(out['teachers_trained'])} teachers trained, "
           f"{time.perf_counter() - start:.0f}s; results in {out['root']}/results/")
     return 0

@@ -1,8 +1,9 @@
 """Where a training loop runs: in this process, or as a Ray Train worker.
 
-The loops call the same five things either way (device, prepare_model, prepare_loader,
-report, restored checkpoint), so one loop serves ``metakd run`` in-process, the tests,
-and multi-worker DDP inside a sweep.
+The loops call the same few things either way (device, prepare_model, distribute,
+train_loader / eval_loader, agree, report, restored checkpoint), so one loop serves
+``metakd run`` in-process, the tests, and multi-worker DDP inside a sweep (or any
+``torch.distributed`` process group: rank and world size are all a runtime needs).
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import tempfile
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ..loader import make_loader, per_worker_batch
 
 
 class LocalRuntime:
@@ -32,8 +37,38 @@ class LocalRuntime:
     def prepare_model(self, model):
         return model.to(self.device)
 
-    def prepare_loader(self, loader):
-        return loader
+    def distribute(self, module):
+        """DDP over ``module`` when there are several workers (the training loop passes its loss)."""
+        if self.world_size == 1:
+            return module
+        ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else None  # one GPU per rank
+        # find_unused_parameters: stage 2 of distillation, gamma1 = 0 and the CE teachers leave heads without gradients
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.device.type == "cuda"
+
+    def train_loader(self, split, global_batch: int, seed: int, field: str, group_by_length: bool = False):
+        """This worker's share of the seeded global batches of ``global_batch`` examples,
+        reshuffled every epoch (:class:`metakd.loader.ShardedBatchSampler`). ``field`` names
+        the YAML setting in the error raised when the batch does not split over the workers."""
+        per_worker_batch(global_batch, self.world_size, field)
+        return make_loader(split, global_batch, True, seed, self.rank, self.world_size, pin_memory=self.pin_memory,
+                           group_by_length=group_by_length)
+
+    def eval_loader(self, split, batch_size: int = 64, trim: bool = True):
+        """All of ``split`` in order, on every worker."""
+        return make_loader(split, batch_size, False, pin_memory=self.pin_memory, trim=trim)
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (for decisions that lead into a collective call)."""
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            t = torch.tensor([int(flag)], device=self.device)
+            dist.broadcast(t, 0)
+            return bool(t.item())
+        return flag
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         pass
@@ -43,7 +78,7 @@ class LocalRuntime:
 
 
 class RayRuntime(LocalRuntime):
-    """Inside ``TorchTrainer``: DDP model, sharded loaders, ``ray.train.report`` with checkpoints."""
+    """Inside ``TorchTrainer`` (which set up the process group): ``ray.train.report`` with checkpoints."""
 
     def __init__(self, epoch_checkpoints: bool = True, log=print):
         import logging
@@ -59,16 +94,11 @@ class RayRuntime(LocalRuntime):
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL collectives (agree, DDP) run on this worker's GPU
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self._restored = None
         self.epoch_checkpoints = epoch_checkpoints
-
-    def prepare_model(self, model):
-        # find_unused_parameters: stage 2 of distillation and gamma1 = 0 leave heads without gradients
-        return self._torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-
-    def prepare_loader(self, loader):
-        return self._torch.prepare_data_loader(loader, add_dist_sampler=True, move_to_device=False)
 
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         checkpoint = None
@@ -92,5 +122,5 @@ def make_runtime(kind: str, device: str = "auto", epoch_checkpoints: bool = True
 
 
 def unwrap(model):
-    """The module inside a DDP wrapper (for evaluation and saving)."""
+    """The module inside a DDP wrapper (for evaluation and saving); the model itself otherwise."""
     return model.module if hasattr(model, "module") else model

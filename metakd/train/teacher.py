@@ -7,33 +7,36 @@ single          target domain k only       CE
 mix             all K domains              CE
 mtl             all K domains              CE of each domain's own classifier head
 
-``teacher_worker`` is a Ray Train per-worker function (also called in-process): it trains
-every teacher spec in its config and publishes each to the store under ``teachers/<key>``.
+:func:`train_one_teacher` trains one teacher into a directory; the per-worker function that
+claims missing teachers and publishes them to the store is ``metakd.train.workers.teacher_worker``.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..config import ExperimentConfig, content_hash, from_dict
-from ..data import load_prepared, make_loader
+from ..config import ExperimentConfig, content_hash
 from ..losses import meta_teacher_loss, prototype_scores
 from ..models import build_teacher, save_model
 from ..storage import Store
-from .loop import StageSettings, to_device, train_stage
-from .runtime import make_runtime, unwrap
+from .features import prototype_features
+from .loop import StageSettings, train_stage
+from .runtime import unwrap
+from .teacher_cache import compute_outputs, save_outputs
 
 META_KINDS = ("meta", "meta_no_target")
 TEACHER_OF_METHOD = {"metakd": "meta", "metakd_no_target": "meta_no_target", "kd_single": "single",
                      "kd_mix": "mix", "kd_mtl": "mtl", "student_ft": None}
 PER_DOMAIN_KINDS = ("single", "meta_no_target")
-VERSION = "teacher-v1"  # bump when training changes so that stale teachers are not reused
+# bump when training changes so that stale teachers are not reused. v2: batch_size is the global batch
+# (v1 multiplied it by the workers), one seeded order for any worker count, unseen domains' e[k] = mean.
+VERSION = "teacher-v2"
+# teacher settings that do not change the trained weights: left out of the key
+NOT_IN_KEY = ("checkpoint_interval_s",)
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,14 @@ class TeacherSpec:
 def teacher_identity(cfg: ExperimentConfig, kind: str, domain: str | None, seed: int) -> dict:
     """Exactly what determines a teacher: data, sample rate, seed, teacher model and its settings.
 
-    gamma2 and the student are absent on purpose: every student trial shares the teacher.
+    gamma2 and the student are absent on purpose: every student trial shares the teacher. So is
+    the number of workers: ``teacher.batch_size`` is the global batch, and 1, 2 or 4 workers take
+    the same optimizer steps over the same batches. So is how often it is checkpointed. The
+    precision is in it: a bf16 teacher is not the fp32 one.
     """
+    teacher = {k: v for k, v in cfg.to_dict()["teacher"].items() if k not in NOT_IN_KEY}
     ident = {"version": VERSION, "kind": kind, "domain": domain, "seed": seed,
-             "data": cfg.to_dict()["data"], "teacher": cfg.to_dict()["teacher"]}
+             "data": cfg.to_dict()["data"], "teacher": teacher, "precision": cfg.precision}
     if kind in META_KINDS:
         ident["meta_teacher"] = cfg.to_dict()["meta_teacher"]
     return ident
@@ -77,29 +84,21 @@ def teacher_domains(kind: str, domain: str | None, domains: list[str]) -> list[i
 
 
 @torch.no_grad()
-def compute_prototype_scores(model, split, domain_ids: list[int], cfg: ExperimentConfig, device) -> torch.Tensor:
-    """t_i for every training example (indexed by ``split.index``) from the frozen initial encoder.
+def compute_prototype_scores(features: torch.Tensor, split, domain_ids: list[int],
+                             cfg: ExperimentConfig) -> torch.Tensor:
+    """t_i for every training example (indexed by ``split.index``) from the frozen initial encoder's
+    features E(x) (``features[index]``, :func:`metakd.train.features.prototype_features`).
 
-    Examples outside ``domain_ids`` get no prototype of their own domain among the passed
-    examples and are scored with the others left out (score 1, i.e. unweighted).
+    Prototypes come from the examples of ``domain_ids`` only; examples outside them get score 1
+    (unweighted).
     """
     mt = cfg.meta_teacher
     scores = torch.ones(int(split.index.max()) + 1 if len(split) else 0)
     if not mt.prototype_weighting:
         return scores
     sub = split.for_domains(domain_ids)
-    model = unwrap(model).eval()
-    feats, labels, doms, idx = [], [], [], []
-    for batch in make_loader(sub, batch_size=64, shuffle=False, seed=0):
-        batch = to_device(batch, device)
-        out = model(**batch)
-        feats.append(out.features.float().cpu())
-        labels.append(batch["labels"].cpu())
-        doms.append(batch["domains"].cpu())
-        idx.append(batch["index"].cpu())
-    t = prototype_scores(torch.cat(feats), torch.cat(labels), torch.cat(doms), alpha=mt.alpha, by=mt.prototype)
-    scores[torch.cat(idx)] = t
-    model.train()
+    scores[sub.index] = prototype_scores(features[sub.index].float(), sub.labels, sub.domains, alpha=mt.alpha,
+                                         by=mt.prototype)
     return scores
 
 
@@ -108,20 +107,39 @@ def teacher_loss_step(kind: str, cfg: ExperimentConfig, scores: torch.Tensor | N
     mt = cfg.meta_teacher
     if kind in META_KINDS:
         gen = torch.Generator().manual_seed(seed)  # the shuffled TDA target's permutations
+        on_device: dict = {}  # the scores, copied to the device once
 
         def step(model, batch):
             out = model(**batch)
-            t = scores.to(out.logits.device)[batch["index"]]
-            return meta_teacher_loss(out.logits, batch["labels"], t, out.domain_logits, batch["domains"],
-                                     mt.gamma1, tda_target=mt.tda_target, generator=gen)
+            if "t" not in on_device:
+                on_device["t"] = scores.to(out.logits.device)
+            t = on_device["t"][batch["index"]]
+            return meta_teacher_loss(out.logits.float(), batch["labels"], t, out.domain_logits.float(),
+                                     batch["domains"], mt.gamma1, tda_target=mt.tda_target, generator=gen)
     else:
         def step(model, batch):
-            return F.cross_entropy(model(**batch).logits, batch["labels"])
+            return F.cross_entropy(model(**batch).logits.float(), batch["labels"])
     return step
 
 
-def train_one_teacher(spec: TeacherSpec, cfg: ExperimentConfig, prepared, runtime, out_dir: str) -> dict:
-    """Train one teacher and save it (weights, prototype scores, summary) into ``out_dir``."""
+@torch.no_grad()
+def fill_unseen_domain_embeddings(model, trained: list[int]) -> None:
+    """Set the domain embedding e[k] of every domain the teacher never trained on to the mean of
+    the trained domains' rows: r(x) = tanh(W_r (mean_pool(H_last(x)) + mean_{j trained} e[j]) + b_r).
+
+    An untrained row is its random initialisation; the mean is the one point of the embedding
+    space that W_r was trained around (meta_no_target: r_T of target examples, the L_TKD target).
+    """
+    emb = model.domain_embedding.weight
+    unseen = [k for k in range(emb.shape[0]) if k not in set(trained)]
+    if unseen and trained:
+        emb[unseen] = emb[list(trained)].mean(0)
+
+
+def train_one_teacher(spec: TeacherSpec, cfg: ExperimentConfig, prepared, runtime, out_dir: str,
+                      store: Store | None = None) -> dict:
+    """Train one teacher and save it (weights, prototype scores, outputs on the training data,
+    summary) into ``out_dir``. ``store`` holds the shared prototype features (none: computed here)."""
     domains = prepared.data.domains
     ids = teacher_domains(spec.kind, spec.domain, domains)
     torch.manual_seed(spec.seed)
@@ -130,52 +148,40 @@ def train_one_teacher(spec: TeacherSpec, cfg: ExperimentConfig, prepared, runtim
     model = runtime.prepare_model(model)
     scores = all_scores = None
     if spec.kind in META_KINDS:
-        # prototypes come from the frozen *initial* encoder (section 1): score before any update.
-        scores = compute_prototype_scores(model, prepared.train, ids, cfg, runtime.device)
+        # prototypes come from the frozen *initial* encoder (section 1): features before any update,
+        # one sharded pass per (initial encoder, prepared data) shared by every meta-teacher
+        features = prototype_features(model, prepared, cfg, spec.seed, runtime, store)
+        scores = compute_prototype_scores(features, prepared.train, ids, cfg)
         all_scores = scores if len(ids) == len(domains) else \
-            compute_prototype_scores(model, prepared.train, list(range(len(domains))), cfg, runtime.device)
+            compute_prototype_scores(features, prepared.train, list(range(len(domains))), cfg)
     t = cfg.teacher
-    train_loader = runtime.prepare_loader(make_loader(prepared.train.for_domains(ids), t.batch_size, True, spec.seed))
-    dev_loader = make_loader(prepared.dev.for_domains(ids), 64, False, 0)
+    # t.batch_size is the global batch: every worker count takes the same steps over the same batches
+    train_loader = runtime.train_loader(prepared.train.for_domains(ids), t.batch_size, spec.seed, "teacher.batch_size",
+                                        cfg.data.batching == "length_grouped")
+    dev_loader = runtime.eval_loader(prepared.dev.for_domains(ids))
     tag = f"teacher {spec.kind}{':' + spec.domain if spec.domain else ''} seed={spec.seed}"
     result = train_stage(model, teacher_loss_step(spec.kind, cfg, scores, spec.seed), train_loader, dev_loader,
-                         domains, StageSettings("teacher", t.epochs, t.lr, t.warmup_ratio, t.weight_decay),
+                         domains, StageSettings("teacher", t.epochs, t.lr, t.warmup_ratio, t.weight_decay,
+                                                checkpoint_interval_s=t.checkpoint_interval_s, precision=cfg.precision),
                          runtime, tag)
+    fill_unseen_domain_embeddings(unwrap(model), ids)
+    # the frozen teacher computed once: its outputs on every training example, published with it
+    outputs = compute_outputs(model, prepared.train, runtime, cfg.precision)
     summary = {"key": spec.key, "kind": spec.kind, "domain": spec.domain, "seed": spec.seed,
                "dev_accuracy": result.best_dev, "train_seconds": result.seconds, "curve": result.curve,
+               "resumed_epochs": result.resumed_epochs,
                "params": unwrap(model).num_parameters(), "domains": domains,
-               # DDP: each rank sees its shard (DistributedSampler), recorded so tests can check it
+               "trained_domains": [domains[i] for i in ids],
+               # DDP: each rank takes its share of every global batch, recorded so tests can check it
                "world_size": runtime.world_size, "train_examples": len(train_loader.dataset),
-               "rank_examples": len(getattr(train_loader, "sampler", train_loader.dataset))}
+               "steps_per_epoch": len(train_loader), "epoch_examples": result.epoch_examples,
+               "rank_examples": sum(len(b) for b in train_loader.batch_sampler)}
     if runtime.is_main:
-        save_model(unwrap(model), out_dir, extra={"teacher_key": spec.key})
+        save_model(unwrap(model), out_dir, extra={"teacher_key": spec.key, "trained_domains": summary["trained_domains"]})
         if all_scores is not None:
             torch.save({"scores": all_scores}, f"{out_dir}/scores.pt")
+        save_outputs(outputs, out_dir, prepared.key)
         with open(f"{out_dir}/teacher.json", "w") as f:
             json.dump(summary, f, indent=1)
     return summary
 
-
-def teacher_worker(config: dict) -> list[dict]:
-    """Per-worker function: train each teacher in ``config["specs"]`` and publish it to the store.
-
-    config: experiment (dict), specs (list of TeacherSpec dicts), store (root), data (seed -> rel
-    path of the prepared data), runtime ("ray" | "local").
-    """
-    cfg = from_dict(config["experiment"])
-    store = Store(config["store"])
-    runtime = make_runtime(config.get("runtime", "local"), cfg.device, epoch_checkpoints=True)
-    summaries = []
-    for raw in config["specs"]:
-        spec = TeacherSpec(**raw)
-        if store.is_complete(spec.rel):  # finished before a restart
-            continue
-        prepared = load_prepared(store.fetch_dir(config["data"][str(spec.seed)]))
-        with tempfile.TemporaryDirectory(prefix="metakd-teacher-") as out:
-            start = time.perf_counter()
-            summary = train_one_teacher(spec, cfg, prepared, runtime, out)
-            summary["wall_seconds"] = time.perf_counter() - start
-            if runtime.is_main:
-                store.publish_dir(out, spec.rel)
-        summaries.append(summary)
-    return summaries

@@ -1,0 +1,56 @@
+"""Prototype features E(x) = mean_pool(H_last(x)) of the frozen *initial* teacher encoder (spec
+section 1), computed once per (initial encoder, prepared data) and stored as an artifact
+``features/<key>/features.safetensors`` that every meta-teacher with that key reuses.
+
+The key covers what fixes the initial weights (the checkpoint, or the sizes and the seed of
+the random initialisation), the prepared data (tokenizer, max_length, examples) and the
+precision of the pass. The pass is shared out among the DDP ranks (:func:`sharded_forward`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import ExperimentConfig, content_hash
+from . import precision as prec
+from .sharded import sharded_forward
+
+VERSION = "features-v1"
+FILE = "features.safetensors"
+
+
+def features_key(cfg: ExperimentConfig, seed: int, data_key: str, device) -> str:
+    """Identity of the initial encoder's features. A checkpoint's weights do not depend on the
+    seed; a random initialisation is ``torch.manual_seed(seed)`` then the encoder of these sizes."""
+    t = cfg.teacher
+    init = {"checkpoint": t.checkpoint} if t.checkpoint else {"sizes": list(t.sizes()), "seed": int(seed)}
+    return content_hash({"version": VERSION, "init": init, "data": data_key,
+                         "precision": prec.resolve(cfg.precision, device)})
+
+
+def encoder_features(model, split, runtime, precision: str = "fp32") -> torch.Tensor:
+    """E(x) for every example of ``split``, in its order, [N, H] fp32 on the CPU, on every rank."""
+    rows = sharded_forward(model, split, lambda out, _b: {"features": out.features.float()}, runtime, precision)
+    return rows["features"]
+
+
+def prototype_features(model, prepared, cfg: ExperimentConfig, seed: int, runtime, store=None) -> torch.Tensor:
+    """E(x) of every training example (row = the example's ``index``): loaded from the store when
+    an earlier teacher made them, else computed (sharded) and published by rank 0."""
+    if not cfg.meta_teacher.prototype_weighting:
+        return torch.zeros(len(prepared.train), 0)  # not used: every t_i = 1
+    rel = f"features/{features_key(cfg, seed, prepared.key, runtime.device)}"
+    # rank 0 decides for all ranks: the computation below is a collective
+    if store is not None and runtime.agree(store.is_complete(rel)):
+        return load_file(f"{store.fetch_dir(rel)}/{FILE}")["features"]
+    feats = encoder_features(model, prepared.train, runtime, cfg.precision)
+    by_index = torch.zeros((int(prepared.train.index.max()) + 1, feats.shape[1]), dtype=feats.dtype)
+    by_index[prepared.train.index] = feats
+    if store is not None and runtime.is_main:
+        with tempfile.TemporaryDirectory(prefix="metakd-features-") as d:
+            save_file({"features": by_index.contiguous()}, f"{d}/{FILE}", metadata={"data_key": prepared.key})
+            store.publish_dir(d, rel)
+    return by_index

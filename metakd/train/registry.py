@@ -1,0 +1,245 @@
+"""Who trains what: one owner per missing artifact (prepared data, teacher, student job), run admission.
+
+The store's ``_COMPLETE`` marker is the source of truth across restarts; the registry only
+arbitrates between live trainers. :class:`RegistryState` holds
+
+- claims: key -> (owner, lease expiry), and the keys that are done. The first owner to claim a
+  missing key trains it; the others skip it (or wait for it). An owner renews its lease while it
+  works, so the claims of a trainer that died expire after ``lease_s`` and another takes over.
+- admissions: resources promised to runs that were launched but have not started yet, so that
+  trials deciding at the same moment do not all count the same free CPUs / GPUs.
+- a log of finished trainings, which the sweep's console prints.
+
+:class:`LocalRegistry` keeps the state in this process (``metakd run``, tests);
+:func:`ray_registry` keeps it in a named Ray actor shared by every trial driver and worker of a
+sweep. Both are :class:`RegistryClient` s, which also travel inside a worker's config.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+NAMESPACE = "metakd"
+LEASE_S = 60.0
+RESERVE_S = 120.0  # an admission whose run never reported its start is forgotten after this long
+
+
+class RegistryState:
+    """The registry's state and operations; plain Python (the actor body, or used in-process)."""
+
+    def __init__(self, lease_s: float = LEASE_S, reserve_s: float = RESERVE_S):
+        self.lease_s, self.reserve_s = lease_s, reserve_s
+        self.running: dict[str, tuple[str, float]] = {}  # key -> (owner, lease expiry)
+        self.done: set[str] = set()
+        self.needed: dict[str, set[str]] = {}  # kind -> keys some trial needs (for progress counts)
+        self.admitted: dict[str, tuple[dict, float]] = {}  # run id -> (resources, when)
+        self.log: list[dict] = []
+
+    def _live(self, key: str) -> tuple[str, float] | None:
+        holder = self.running.get(key)
+        return holder if holder is not None and holder[1] > time.monotonic() else None
+
+    def claim(self, key: str, owner: str) -> str:
+        """"done", "wait" (another owner holds a live lease) or "mine" (the caller trains it now)."""
+        if key in self.done:
+            return "done"
+        holder = self._live(key)
+        if holder is not None and holder[0] != owner:
+            return "wait"
+        self.running[key] = (owner, time.monotonic() + self.lease_s)
+        return "mine"
+
+    def renew(self, keys: list[str], owner: str) -> None:
+        for key in keys:
+            if self.running.get(key, (None,))[0] == owner:
+                self.running[key] = (owner, time.monotonic() + self.lease_s)
+
+    def finish(self, key: str, record: dict | None = None) -> None:
+        self.running.pop(key, None)
+        if record is not None and key not in self.done:
+            self.log.append(record)
+        self.done.add(key)
+
+    def release(self, key: str, owner: str) -> None:
+        if self.running.get(key, (None,))[0] == owner:
+            del self.running[key]
+
+    def release_owner(self, owner: str) -> list[str]:
+        """Drop every claim of ``owner`` and of its workers (``owner/...``): the next claim gets them."""
+        keys = [k for k, (o, _) in self.running.items() if o == owner or o.startswith(owner + "/")]
+        for key in keys:
+            del self.running[key]
+        return keys
+
+    def states(self, keys: list[str]) -> dict[str, tuple[str, str | None]]:
+        """key -> ("done", None) | ("running", owner) | ("missing", None); an expired lease is missing."""
+        out = {}
+        for key in keys:
+            holder = self._live(key)
+            out[key] = ("done", None) if key in self.done else ("running", holder[0]) if holder else ("missing", None)
+        return out
+
+    def need(self, kind: str, keys: list[str]) -> None:
+        self.needed.setdefault(kind, set()).update(keys)
+
+    def admit(self, run: str, per_unit: dict, units: int, available: dict, at_least_one: bool = False) -> int:
+        """How many of ``units`` (each needing ``per_unit`` resources) to start for ``run`` now.
+
+        Counts ``available`` less what earlier admissions promised to runs that have not started
+        (see :meth:`started`); reserves the answer for ``run``. ``at_least_one``: answer 1 even
+        without room (a cluster that must scale up sees demand only from a launched run).
+        """
+        now = time.monotonic()
+        self.admitted = {r: v for r, v in self.admitted.items() if now - v[1] < self.reserve_s}
+        n = units
+        for res, need in per_unit.items():
+            if need > 0:
+                promised = sum(v[0].get(res, 0.0) for v in self.admitted.values())
+                n = min(n, math.floor((available.get(res, 0.0) - promised) / need + 1e-9))
+        n = max(n, 1 if at_least_one else 0)
+        if n > 0:
+            self.admitted[run] = ({res: need * n for res, need in per_unit.items()}, now)
+        return n
+
+    def started(self, run: str) -> None:
+        """The run holds its resources now (or ended): its admission no longer needs reserving."""
+        self.admitted.pop(run, None)
+
+    def progress(self, since: int = 0) -> tuple[list[dict], int, dict]:
+        """(log records from index ``since``, next index, per kind {needed, done, running} counts)."""
+        live = {k for k in self.running if self._live(k)}
+        counts = {kind: {"needed": len(keys), "done": len(keys & self.done), "running": len(keys & live)}
+                  for kind, keys in self.needed.items()}
+        return self.log[since:], len(self.log), counts
+
+    def reset(self) -> None:
+        """A (re)started sweep driver: the trials of an earlier driver are gone, so are their claims;
+        what is done is read from the store again."""
+        self.__init__(self.lease_s, self.reserve_s)
+
+
+class RegistryClient:
+    """One owner's view of a registry (the state in this process, or a Ray actor).
+
+    Keys claimed with :meth:`claim` are renewed in a background thread until finished or released.
+    A client pickles (into a Ray Train worker's config) as its backend and owner only.
+    """
+
+    def __init__(self, backend, owner: str = "local", renew_s: float = 10.0):
+        self.backend, self.owner, self.renew_s = backend, owner, renew_s
+        self._init_local()
+
+    def _init_local(self) -> None:
+        self._held: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = getattr(self.backend, "_metakd_lock", None)
+        if isinstance(self.backend, RegistryState) and self._lock is None:
+            self._lock = self.backend._metakd_lock = threading.Lock()
+
+    def __getstate__(self):
+        if isinstance(self.backend, RegistryState):
+            raise TypeError("a LocalRegistry lives in one process; a Ray worker needs ray_registry()")
+        return {"backend": self.backend, "owner": self.owner, "renew_s": self.renew_s}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_local()
+
+    def _call(self, name: str, *args):
+        if isinstance(self.backend, RegistryState):
+            with self._lock:
+                return getattr(self.backend, name)(*args)
+        import ray
+
+        return ray.get(getattr(self.backend, name).remote(*args))
+
+    def for_owner(self, owner: str) -> RegistryClient:
+        """The same registry as seen by another owner (a worker, a run)."""
+        return RegistryClient(self.backend, owner, self.renew_s)
+
+    def claim(self, key: str) -> str:
+        answer = self._call("claim", key, self.owner)
+        if answer == "mine":
+            self._held.add(key)
+            self._start_renewing()
+        return answer
+
+    def finish(self, key: str, record: dict | None = None) -> None:
+        self._call("finish", key, record)
+        self._held.discard(key)
+
+    def release(self, key: str) -> None:
+        self._call("release", key, self.owner)
+        self._held.discard(key)
+
+    def release_owner(self, owner: str | None = None) -> list[str]:
+        return self._call("release_owner", owner or self.owner)
+
+    def states(self, keys: list[str]) -> dict[str, tuple[str, str | None]]:
+        return self._call("states", list(keys)) if keys else {}
+
+    def need(self, kind: str, keys: list[str]) -> None:
+        self._call("need", kind, list(keys))
+
+    def admit(self, run: str, per_unit: dict, units: int, available: dict, at_least_one: bool = False) -> int:
+        return self._call("admit", run, per_unit, units, available, at_least_one)
+
+    def started(self, run: str) -> None:
+        self._call("started", run)
+
+    def progress(self, since: int = 0):
+        return self._call("progress", since)
+
+    def reset(self) -> None:
+        self._call("reset")
+
+    def _start_renewing(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+
+        def loop():
+            while not self._stop.wait(self.renew_s):
+                if self._held:
+                    try:
+                        self._call("renew", sorted(self._held), self.owner)
+                    except Exception:  # the registry went away with the sweep: nothing left to renew
+                        return
+
+        self._thread = threading.Thread(target=loop, daemon=True, name="metakd-lease")
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class LocalRegistry(RegistryClient):
+    """The registry in this process: whoever asks first trains (``metakd run``, tests)."""
+
+    def __init__(self, lease_s: float = LEASE_S):
+        super().__init__(RegistryState(lease_s), owner="local")
+
+    @property
+    def state(self) -> dict[str, str]:
+        """key -> "running" | "done"."""
+        with self._lock:
+            out = {k: "running" for k in self.backend.running}
+            out.update({k: "done" for k in self.backend.done})
+        return out
+
+
+def ray_registry(name: str, owner: str, lease_s: float = LEASE_S, detached: bool = True) -> RegistryClient:
+    """A client of the named registry actor, created on first use.
+
+    Detached for a sweep: trials and a restarted driver find the same actor by name; its state
+    only arbitrates between live trainers, the store keeps what is complete.
+    """
+    import ray
+
+    actor_cls = ray.remote(num_cpus=0)(RegistryState)
+    options = {"name": name, "namespace": NAMESPACE, "get_if_exists": True}
+    if detached:
+        options["lifetime"] = "detached"
+    return RegistryClient(actor_cls.options(**options).remote(lease_s), owner)

@@ -1,0 +1,162 @@
+"""When one trial starts its teacher and student runs: as soon as there is work and room.
+
+A *run* is one launch of a per-worker function (one ``TorchTrainer.fit()`` on Ray, a thread
+in-process) whose workers pull work from the registry (:mod:`metakd.train.workers`):
+
+- teacher runs: while some teacher of the trial is missing and unclaimed, start another run of
+  ``workers_per_trial`` ranks if the cluster has room for it. Each run trains teachers one after
+  another until none is left to claim, so runs of this trial and of other trials train the
+  missing teachers side by side, each exactly once.
+- student run: as soon as one student job is ready (its teacher is published, or it needs none)
+  and no student run of this trial is active, start one with up to ``student_workers`` workers
+  (as many as fit now). Its workers claim ready jobs until none is left.
+- where a teacher worker and a student worker take the same resources, teacher runs are "both"
+  runs: their worker goes on to the student jobs once no teacher is left to claim, and counts as
+  the trial's student run.
+
+Room is what Ray reports available less what earlier admissions promised to runs that have not
+started yet (:meth:`metakd.train.registry.RegistryState.admit`), so trials deciding at the same
+moment do not all count the same free CPUs. Jobs and teachers finished by anyone (another trial,
+an earlier driver) are read from the store, not trained again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict
+
+
+class Run:
+    """One launched run, working in a thread: ``fn()`` returns the summaries it trained."""
+
+    def __init__(self, run_id: str, kind: str, workers: int, fn):
+        self.id, self.kind, self.workers = run_id, kind, workers
+        self.value, self.error = None, None
+        self.thread = threading.Thread(target=self._work, args=(fn,), daemon=True, name=f"metakd-{run_id}")
+        self.thread.start()
+
+    def _work(self, fn) -> None:
+        try:
+            self.value = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised by the trial's loop
+            self.error = e
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+
+class TrialSchedule:
+    """Trains (or reuses) every teacher and student job of one trial; see the module doc."""
+
+    def __init__(self, specs: list, jobs: list[dict], common: dict, store, registry, runner, run_prefix: str,
+                 log=print, on_students=None, poll_s: float = 1.0):
+        self.specs, self.jobs, self.common = specs, jobs, common
+        self.store, self.registry, self.runner = store, registry, runner
+        self.prefix, self.log, self.on_students, self.poll_s = run_prefix, log, on_students, poll_s
+        self.runs: list[Run] = []
+        self.launched = 0
+        self.results: dict[str, dict] = {}  # job key -> result (trained here or elsewhere)
+        self.teachers_trained: list[dict] = []
+
+    def run(self) -> tuple[list[dict], list[dict]]:
+        """(results in job order, summaries of the teachers this trial trained)."""
+        self._sync_store()
+        self.registry.need("teacher", [s.key for s in self.specs])
+        self.registry.need("student", [j["key"] for j in self.jobs])
+        keys = [s.key for s in self.specs] + [j["key"] for j in self.jobs]
+        try:
+            while True:
+                self._collect_runs()
+                states = self.registry.states(keys)
+                self._read_finished(states)
+                if len(self.results) == len(self.jobs):
+                    break
+                available = self.runner.available()
+                self._launch_teachers(states, available)
+                self._launch_students(states, available)
+                time.sleep(self.poll_s)
+            while self.runs:  # they have nothing left to claim and end on their own
+                self._collect_runs()
+                time.sleep(self.poll_s / 4)
+        except BaseException:
+            for run in self.runs:
+                self.registry.release_owner(run.id)
+            raise
+        return [self.results[j["key"]] for j in self.jobs], self.teachers_trained
+
+    def _sync_store(self) -> None:
+        """Artifacts already complete on the store (an earlier driver, another sweep) count as done."""
+        rels = {s.key: s.rel for s in self.specs} | {j["key"]: j["rel"] for j in self.jobs}
+        states = self.registry.states(list(rels))
+        for key, rel in rels.items():
+            if states[key][0] != "done" and self.store.is_complete(rel):
+                self.registry.finish(key)
+
+    def _collect_runs(self) -> None:
+        for run in [r for r in self.runs if r.done()]:
+            self.runs.remove(run)
+            self.registry.started(run.id)  # drop its admission if it never got to start
+            if run.error is not None:
+                self.registry.release_owner(run.id)
+                raise run.error
+            if run.kind in ("teachers", "both"):
+                self.teachers_trained.extend(run.value or [])
+
+    def _read_finished(self, states: dict) -> None:
+        new = []
+        for job in self.jobs:
+            if states[job["key"]][0] == "done" and job["key"] not in self.results:
+                self.results[job["key"]] = self.store.read_json(f"{job['rel']}/result.json")
+                new.append(job["key"])
+        if new and self.on_students is not None:
+            self.on_students([self.results[k] for k in new], [self.results[j["key"]] for j in self.jobs
+                                                              if j["key"] in self.results])
+
+    def _admit(self, kind: str, units: int, per_unit: dict, available: dict, active: list[Run]) -> tuple[str, int]:
+        run_id = f"{self.prefix}-{kind}-{self.launched}"
+        # a cluster that cannot hold one unit now must scale up, and sees demand only from a launched run
+        grow = not active and not self.runner.fits(per_unit)
+        return run_id, self.registry.admit(run_id, per_unit, units, available, grow)
+
+    def _launch_teachers(self, states: dict, available: dict) -> None:
+        missing = [s for s in self.specs if states[s.key][0] == "missing"]
+        holders = {states[s.key][1] for s in self.specs if states[s.key][0] == "running"}
+        runs = [r for r in self.runs if r.kind in ("teachers", "both")]
+        starting = [r for r in runs if r.id not in holders]  # each about to claim one (or done with teachers)
+        kind = "both" if self.runner.combined() else "teachers"
+        per_run = self.runner.demand(kind)
+        for _ in range(len(missing) - len(starting)):
+            run_id, n = self._admit(kind, 1, per_run, available, runs)
+            if n == 0:
+                return
+            config = {**self.common, "specs": [asdict(s) for s in self.specs], "run": run_id}
+            if kind == "both":
+                config["jobs"] = self.jobs
+            self._start(run_id, kind, self.runner.workers(kind, 1), config)
+            runs.append(self.runs[-1])
+
+    def _launch_students(self, states: dict, available: dict) -> None:
+        runs = [r for r in self.runs if r.kind in ("students", "both")]
+        if runs:
+            return
+
+        def ready(job):
+            return states[job["key"]][0] == "missing" and (
+                not job.get("teacher_key") or states[job["teacher_key"]][0] == "done")
+
+        if not any(ready(j) for j in self.jobs):
+            return
+        open_jobs = sum(states[j["key"]][0] == "missing" for j in self.jobs)
+        per_unit, units = self.runner.demand("students"), self.runner.max_units("students")
+        run_id, n = self._admit("students", min(units, open_jobs), per_unit, available, runs)
+        if n > 0:
+            self._start(run_id, "students", self.runner.workers("students", n), {**self.common, "jobs": self.jobs,
+                                                                                "run": run_id})
+
+    def _start(self, run_id: str, kind: str, workers: int, config: dict) -> None:
+        self.launched += 1
+        what = {"teachers": f"{len(self.specs)} teacher(s)", "students": f"{len(self.jobs)} student job(s)",
+                "both": f"{len(self.specs)} teacher(s), then {len(self.jobs)} student job(s)"}[kind]
+        self.log(f"starting {run_id}: {workers} worker(s) for {what}")
+        self.runs.append(Run(run_id, kind, workers, lambda: self.runner.start(kind, config, workers, run_id)))
