@@ -16,6 +16,7 @@ none is left (:mod:`metakd.train.workers`) instead of one fit per teacher or stu
 from __future__ import annotations
 
 import os
+import shutil
 
 from ..config import ResourcesConfig
 from .workers import student_worker, teacher_then_student_worker, teacher_worker
@@ -97,4 +98,25 @@ class RayRunner:
         result = trainer.fit()
         if result.error is not None:
             raise result.error
+        drop_orphan_checkpoints(result)
         return result.return_value or []
+
+
+def drop_orphan_checkpoints(result) -> list[str]:
+    """Delete checkpoint directories of a finished fit that Train never registered.
+
+    ``num_to_keep`` deletes only checkpoints Train registered; a worker killed between writing a
+    checkpoint and reporting it leaves that directory behind, unregistered, forever. Local
+    storage only (a cloud ``storage_path`` is left alone). Returns the deleted paths.
+    """
+    run_dir = getattr(result, "path", None)
+    if not run_dir or not os.path.isdir(run_dir):
+        return []
+    kept = os.path.realpath(result.checkpoint.path) if result.checkpoint is not None else None
+    dropped = []
+    for name in sorted(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        if name.startswith("checkpoint_") and os.path.isdir(path) and os.path.realpath(path) != kept:
+            shutil.rmtree(path, ignore_errors=True)
+            dropped.append(path)
+    return dropped
