@@ -97,6 +97,7 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     runtime = SimpleNamespace(rank=rank, world_size=world, device=torch.device("cpu"))
     out = sharded_forward(model, _split(), lambda o, b: {"features": o.features}, runtime, batch_size=4)
     torch.save({"features": out["features"], "rows": sum(rows)}, f"{out_dir}/{rank}.pt")
+    dist.barrier()  # leave together (see tests/test_recipe_ddp.py)
     dist.destroy_process_group()
 
 

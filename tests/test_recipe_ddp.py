@@ -159,6 +159,9 @@ def _ddp_worker(rank: int, world: int, port: int, data_dir: str, out_dir: str) -
         if rank == 0:
             with open(f"{out_dir}/ranks.json", "w") as f:
                 json.dump(gathered, f)
+        # leave together: a rank that tears gloo down while its peer is still inside a collective
+        # can take the peer down with SIGABRT ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
