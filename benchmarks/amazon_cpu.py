@@ -14,8 +14,8 @@ other student settings trains only students.
         --methods metakd kd_single --set distill.stage2_epochs=3     # tuning: dev numbers only
 
 The default shape costs ~45 000 teacher example-passes and ~117 000 student example-passes per
-seed; on 2 CPU cores (MiniLM-L6 trains ~20 examples/s at 128 tokens) that is hours, not the hour
-the README's measured shape takes. Prints the main table (test accuracy, mean ± std over seeds),
+seed; on 2 CPU cores (MiniLM-L6 trains ~20 examples/s at 128 tokens) that is ~6 hours, against the
+~100 minutes of the README's measured shape. Prints the main table (test accuracy, mean ± std over seeds),
 the paired comparison of metakd with kd_single and with kd_mix (difference in points, 95%
 t-interval, p-value, wins/ties/losses), and, from the same split, a TF-IDF + logistic-regression
 reference. ``--tune`` prints the same on the dev split and never reads a test number: choose the
