@@ -8,18 +8,20 @@ its own teachers. Teachers are content-addressed under ``runs/benchmarks``, so a
 other student settings trains only students.
 
     python benchmarks/amazon_cpu.py       # the default shape: 3 seeds, six methods, 128 tokens
-    python benchmarks/amazon_cpu.py --methods kd_single kd_mix metakd --max-length 64 \
+    python benchmarks/amazon_cpu.py --methods kd_single kd_mix metakd --max-length 64 \\
         --set distill.stage2_epochs=1     # the shape measured on 2 cores (see the README)
-    python benchmarks/amazon_cpu.py --tune --seeds 0 --domains books kitchen \
+    python benchmarks/amazon_cpu.py --tune --seeds 0 --domains books kitchen \\
         --methods metakd kd_single --set distill.stage2_epochs=3     # tuning: dev numbers only
 
 The default shape costs ~45 000 teacher example-passes and ~117 000 student example-passes per
-seed; on 2 CPU cores (MiniLM-L6 trains ~20 examples/s at 128 tokens) that is ~6 hours, against the
-~100 minutes of the README's measured shape. Prints the main table (test accuracy, mean ± std over seeds),
-the paired comparison of metakd with kd_single and with kd_mix (difference in points, 95%
-t-interval, p-value, wins/ties/losses), and, from the same split, a TF-IDF + logistic-regression
-reference. ``--tune`` prints the same on the dev split and never reads a test number: choose the
-recipe with it.
+seed. On 2 CPU cores MiniLM-L6 trains ~20 examples/s at 128 tokens (a bare forward/backward; the
+training loop is ~15 % slower), so that is ~6 hours, against the ~100 minutes of the README's
+measured shape.
+
+Prints the main table (test accuracy, mean ± std over seeds), the paired comparison of metakd
+with kd_single and with kd_mix (difference in points, 95% t-interval, p-value, wins/ties/losses),
+and, from the same split, a TF-IDF + logistic-regression reference. ``--tune`` prints the
+same on the dev split and never reads a test number: choose the recipe with it.
 """
 
 from __future__ import annotations
