@@ -31,11 +31,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from amazon_cpu import METHODS, tfidf_reference  # noqa: E402
-from metakd import analysis, results  # noqa: E402
-from metakd.cli_report import format_comparison  # noqa: E402
+from metakd.report import analysis, results  # noqa: E402
+from metakd.report.cli import format_comparison  # noqa: E402
 from metakd.config import from_dict  # noqa: E402
 from metakd.pretrained import MissingPretrained, mpnet_dir  # noqa: E402
-from metakd.train.run import run_local  # noqa: E402
+from metakd.jobs.run import run_local  # noqa: E402
 
 STUDENT_LAYERS = (4, 6)
 

@@ -38,11 +38,11 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from metakd import analysis  # noqa: E402
-from metakd.cli_report import format_comparison  # noqa: E402
+from metakd.report import analysis  # noqa: E402
+from metakd.report.cli import format_comparison  # noqa: E402
 from metakd.config import from_dict  # noqa: E402
 from metakd.data import load_multidomain  # noqa: E402
-from metakd.train.run import run_local  # noqa: E402
+from metakd.jobs.run import run_local  # noqa: E402
 
 METHODS = ["student_ft", "kd_single", "kd_mix", "kd_mtl", "metakd_no_target", "metakd"]
 

@@ -32,9 +32,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from metakd import results  # noqa: E402
+from metakd.report import results  # noqa: E402
 from metakd.storage import Store  # noqa: E402
-from metakd.train.events import STUDENT, TEACHER, read_events  # noqa: E402
+from metakd.jobs.events import STUDENT, TEACHER, read_events  # noqa: E402
 
 
 def sweep_yaml(gamma2: list[float], seeds: int, trials: int, student_workers: int) -> dict:

@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from metakd import results  # noqa: E402
+from metakd.report import results  # noqa: E402
 from metakd.config import load_sweep  # noqa: E402
 from metakd.storage import Store  # noqa: E402
-from metakd.train.events import STUDENT, TEACHER, read_events  # noqa: E402
+from metakd.jobs.events import STUDENT, TEACHER, read_events  # noqa: E402
 
 
 def main() -> None:

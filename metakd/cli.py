@@ -30,7 +30,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .train.run import run_and_report
+    from .jobs.run import run_and_report
 
     cfg = load_experiment(args.yaml)
     preflight(cfg, read_data=False)  # the run reads the data next; refuse bad paths and checkpoints first
@@ -51,7 +51,7 @@ def cmd_sweep(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cli_report
+    from .report import cli as cli_report
 
     parser = argparse.ArgumentParser(prog="metakd", description="Meta-KD experiments and Ray sweeps")
     sub = parser.add_subparsers(dest="command", required=True)

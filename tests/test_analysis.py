@@ -8,7 +8,8 @@ import tempfile
 import pandas as pd
 import pytest
 
-from metakd import analysis, cli_report, plots, results
+from metakd.report import analysis, plots, results
+from metakd.report import cli as cli_report
 
 SQRT2 = math.sqrt(2)
 

@@ -157,7 +157,7 @@ def test_a_killed_train_worker_resumes_the_teacher_after_its_last_checkpoint(tmp
     import ray
 
     from metakd.config import from_dict
-    from metakd.train.run import run_local
+    from metakd.jobs.run import run_local
 
     cfg = from_dict({
         "name": "kill", "methods": ["kd_mix"], "seeds": [0], "device": "cpu",
@@ -202,7 +202,7 @@ def test_a_finished_fit_drops_checkpoints_train_never_registered(tmp_path):
     """A worker killed between writing and reporting a checkpoint leaves an unregistered one behind."""
     from types import SimpleNamespace
 
-    from metakd.train.ray_runner import drop_orphan_checkpoints
+    from metakd.jobs.ray_runner import drop_orphan_checkpoints
 
     run_dir = tmp_path / "run-both-0"
     for name in ("checkpoint_1", "checkpoint_2", "checkpoint_3"):

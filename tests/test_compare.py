@@ -13,9 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from metakd import analysis, cli_report, results
+from metakd.report import analysis, results
+from metakd.report import cli as cli_report
 from metakd.config import from_dict
-from metakd.train.rows import is_collapsed, majority_rate, result_rows
+from metakd.report.rows import is_collapsed, result_rows
+from metakd.train.loop import majority_rate
 
 T_975_DF2 = 4.302652729911275  # two-sided 95% Student t quantile, 2 degrees of freedom (printed tables: 4.303)
 
@@ -334,7 +336,7 @@ def test_cli_table_with_compare(sweep_dir, capsys):
 
 def test_a_run_writes_majority_rates_and_flags(tmp_path, single_thread_torch):
     from metakd.data import load_multidomain
-    from metakd.train.run import run_local
+    from metakd.jobs.run import run_local
 
     cfg = from_dict({
         "name": "flags", "methods": ["student_ft"], "seeds": [0], "device": "cpu",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from metakd import analysis, results
+from metakd.report import analysis, results
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ import pytest
 
 from metakd.config import from_dict
 from metakd.storage import Store
-from metakd.train.events import STUDENT, read_events
-from metakd.train.experiment import run_experiment
-from metakd.train.ray_runner import RayRunner
-from metakd.train.registry import ray_registry
+from metakd.jobs.events import STUDENT, read_events
+from metakd.jobs.experiment import run_experiment
+from metakd.jobs.ray_runner import RayRunner
+from metakd.jobs.registry import ray_registry
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from metakd import results
+from metakd.report import results
 
 
 def _row(**kw):

@@ -11,13 +11,13 @@ import time
 import pandas as pd
 import pytest
 
-from metakd import analysis, results
+from metakd.report import analysis, results
 from metakd.config import from_dict
 from metakd.storage import Store
-from metakd.train.events import STUDENT, TEACHER, count_student_trainings, count_teacher_trainings, read_events
-from metakd.train.experiment import LocalRunner, plan, run_experiment, student_identity
-from metakd.train.registry import LocalRegistry, RegistryState
-from metakd.train.rows import result_rows
+from metakd.jobs.events import STUDENT, TEACHER, count_student_trainings, count_teacher_trainings, read_events
+from metakd.jobs.experiment import LocalRunner, plan, run_experiment, student_identity
+from metakd.jobs.registry import LocalRegistry, RegistryState
+from metakd.report.rows import result_rows
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

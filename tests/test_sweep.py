@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from metakd import results
+from metakd.report import results
 from metakd.config import load_sweep
 from metakd.storage import Store
 from metakd.sweep.space import DefineByRun, grid_space, trial_config
-from metakd.train.events import STUDENT, TEACHER, count_student_trainings, count_teacher_trainings, read_events
+from metakd.jobs.events import STUDENT, TEACHER, count_student_trainings, count_teacher_trainings, read_events
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +109,7 @@ def test_teachers_and_baseline_students_are_trained_once_with_ddp_and_results_ar
     assert all(e["start"] >= published[e["teacher_key"]] for e in students)
 
     # the analyses give the means of a sweep that trained every copy: a shared student counts once
-    from metakd import analysis
+    from metakd.report import analysis
 
     test = df[df["split"] == "test"]
     long = analysis.main_table(df, "test")
@@ -249,7 +249,7 @@ def test_optuna_sweep_with_asha_keeps_rows_of_stopped_trials(tmp_path):
     assert len({e["key"] for e in students}) == len(students) == df["student_key"].nunique()
     assert "best configuration" in out
 
-    from metakd.analysis import search_summary
+    from metakd.report.analysis import search_summary
 
     best, importances = search_summary(df)
     assert len(best) == 3 and "gamma1" in set(importances["param"])

@@ -14,7 +14,7 @@ import pytest
 
 from metakd.storage import Store
 from metakd.sweep.progress import status_line, training_line, trial_table
-from metakd.train.events import STUDENT, TEACHER, read_events
+from metakd.jobs.events import STUDENT, TEACHER, read_events
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"^(teacher|student) (\S+) .*seed=(\d+): dev (\d+\.\d)% in (\d+\.\d)s")

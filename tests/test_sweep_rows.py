@@ -1,9 +1,9 @@
 """A failing trial keeps the rows of the students that finished before the failure."""
 
-from metakd import results
+from metakd.report import results
 from metakd.config import from_dict
 from metakd.sweep.tuner import _failed_rows, _finished_rows
-from metakd.train.rows import result_rows
+from metakd.report.rows import result_rows
 
 
 def test_failed_trial_keeps_finished_rows_and_marks_the_failure(tmp_path):

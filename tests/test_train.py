@@ -14,15 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metakd import results
+from metakd.report import results
 from metakd.config import ModelConfig, from_dict
 from metakd.data import EncodedSplit, load_prepared
 from metakd.models import build_student, build_teacher, load_model
 from metakd.storage import Store
-from metakd.train.experiment import LocalRegistry, count_teacher_trainings, ensure, plan
+from metakd.jobs.experiment import LocalRegistry, count_teacher_trainings, ensure, plan
 from metakd.train.loop import evaluate
-from metakd.train.run import format_table, run_local
-from metakd.train.student import Distiller, running_metrics
+from metakd.jobs.run import format_table, run_local
+from metakd.report.rows import running_metrics
+from metakd.train.student import Distiller
 from metakd.train.teacher import compute_prototype_scores, teacher_spec
 from metakd.train.teacher_cache import TeacherOutputs
 

@@ -17,6 +17,8 @@ import time
 
 from ray.tune import Callback
 
+from ..jobs.registry import sweep_registry
+
 TRIAL_PREFIX = "trial_driver_"
 
 
@@ -95,8 +97,6 @@ class SweepConsole(Callback):
     def _poll(self) -> None:
         try:
             if self.registry is None:
-                from .tuner import sweep_registry
-
                 self.registry = sweep_registry(self.sweep, owner="console")
             records, self.seen, self.counts = self.registry.progress(self.seen)
         except Exception:  # the registry is gone (Ray shutting down): nothing more to print

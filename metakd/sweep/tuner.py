@@ -1,10 +1,10 @@
 """``metakd sweep``: a Ray Tune ``Tuner`` whose trials run Ray Train ``TorchTrainer`` fits.
 
 The three roles of Ray's Tune-over-Train pattern, under these names:
-- per-worker functions: ``metakd.train.workers.teacher_worker`` / ``student_worker``, which
+- per-worker functions: ``metakd.jobs.workers.teacher_worker`` / ``student_worker``, which
   pull teachers and student jobs from the sweep's registry;
 - per-trial driver: :func:`trial_driver` (a Tune function trainable) that starts teacher and
-  student runs as soon as there is work and room (``metakd.train.schedule``), writes the
+  student runs as soon as there is work and room (``metakd.jobs.schedule``), writes the
   trial's rows after every finished student and reports them to Tune;
 - the Tuner: :func:`run_sweep`, deterministic run name, resumed with ``Tuner.restore``.
 
@@ -23,15 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-from .. import analysis, results
 from ..config import ExperimentConfig, ResourcesConfig, content_hash
+from ..jobs.events import count_student_trainings, count_teacher_trainings
+from ..jobs.experiment import run_experiment
+from ..jobs.ray_runner import RayRunner
+from ..jobs.registry import sweep_registry
+from ..report import analysis, results
+from ..report.rows import curve_rows, result_rows, running_metrics
 from ..storage import Store, is_uri
-from ..train.events import count_student_trainings, count_teacher_trainings
-from ..train.experiment import run_experiment
-from ..train.ray_runner import RayRunner
-from ..train.registry import RegistryClient, ray_registry
-from ..train.rows import curve_rows, result_rows
-from ..train.student import running_metrics
 from .progress import SweepConsole
 from .space import make_search, trial_config
 
@@ -42,11 +41,6 @@ def sweep_root(storage: str, name: str) -> str:
     if is_uri(storage):
         return f"{storage.rstrip('/')}/{name}"
     return str(Path(os.path.expanduser(storage)).resolve() / name)
-
-
-def sweep_registry(sweep: str, owner: str) -> RegistryClient:
-    """The sweep's registry actor (detached, named after the sweep): claims, admissions, training log."""
-    return ray_registry(f"registry-{sweep}", owner)
 
 
 def trial_driver(params: dict, base: dict, sweep: str, root: str) -> None:

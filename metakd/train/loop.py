@@ -227,3 +227,11 @@ def _restore(runtime, name) -> dict | None:
         return None
     state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
     return state if state.get("name") == name else None
+
+
+def majority_rate(labels) -> float:
+    """Share of the most frequent label: the accuracy of always predicting it (0.0 for no labels)."""
+    counts = {}
+    for y in (int(v) for v in labels):
+        counts[y] = counts.get(y, 0) + 1
+    return max(counts.values()) / len(labels) if counts else 0.0

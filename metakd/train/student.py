@@ -10,7 +10,7 @@ kd_single/mix/mtl single/mix/mtl   1                                 none
 student_ft        none             -                                 - (plain CE)
 
 :func:`train_student` trains one student job; the per-worker function that claims jobs and
-publishes their results is ``metakd.train.workers.student_worker``.
+publishes their results is ``metakd.jobs.workers.student_worker``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from ..data import make_loader
 from ..losses import (attention_mse, domain_expertise_weights, hidden_mse, layer_map, pred_divergence,
                       soft_cross_entropy, tkd_loss, weighted_mean)
 from ..models import build_student, build_teacher, load_model, measure_latency
-from .loop import StageSettings, evaluate, train_stage
-from .rows import majority_rate
+from .loop import StageSettings, evaluate, majority_rate, train_stage
 from .runtime import unwrap
 from .teacher_cache import TeacherOutputs, TeacherStates, teacher_caches
 
@@ -190,17 +189,4 @@ def _shape_only_teacher(cfg: ExperimentConfig, prepared):
     init_from_teacher, its initial (pretrained) layers."""
     return build_teacher(cfg.teacher, len(prepared.tokenizer), cfg.data.max_length, prepared.data.num_labels,
                          len(prepared.data.domains))
-
-
-def running_metrics(results: list[dict], methods: list[str]) -> dict:
-    """Trial metrics so far: mean dev/test accuracy of the first method (all methods when it has none yet)."""
-    primary = [r for r in results if r["method"] == methods[0]] or results
-    out = {"jobs_done": len(results)}
-    for split in ("dev", "test"):
-        out[f"{split}_accuracy"] = sum(r[f"{split}_accuracy"] for r in primary) / len(primary) if primary else 0.0
-        for m in methods:
-            rs = [r[f"{split}_accuracy"] for r in results if r["method"] == m]
-            if rs:
-                out[f"{m}/{split}_accuracy"] = sum(rs) / len(rs)
-    return out
 

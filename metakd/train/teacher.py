@@ -8,7 +8,7 @@ mix             all K domains              CE
 mtl             all K domains              CE of each domain's own classifier head
 
 :func:`train_one_teacher` trains one teacher into a directory; the per-worker function that
-claims missing teachers and publishes them to the store is ``metakd.train.workers.teacher_worker``.
+claims missing teachers and publishes them to the store is ``metakd.jobs.workers.teacher_worker``.
 """
 
 from __future__ import annotations

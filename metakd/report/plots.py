@@ -1,4 +1,4 @@
-"""Figure 3, Figure 4 and the student-size plot from the tables of ``metakd.analysis``.
+"""Figure 3, Figure 4 and the student-size plot from the tables of ``metakd.report.analysis``.
 
 Each function draws on a standalone Agg figure (no pyplot state, works headless), saves
 ``out`` as PNG (dpi 150) and the same stem as PDF, and returns the Figure.
@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from metakd.analysis import AVERAGE
+from metakd.report.analysis import AVERAGE
 
 _LEGEND = dict(bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0.0, frameon=False)
 

@@ -1,4 +1,4 @@
-"""Rows of the result tables (``metakd.results`` schemas) from a trial's student and teacher summaries."""
+"""Rows of the result tables (``metakd.report.results`` schemas) from a trial's student and teacher summaries."""
 
 from __future__ import annotations
 
@@ -8,14 +8,6 @@ from ..config import ExperimentConfig
 
 # Accuracies and majority rates are both count / n of the same split; this only absorbs rounding.
 _COLLAPSE_TOLERANCE = 1e-9
-
-
-def majority_rate(labels) -> float:
-    """Share of the most frequent label: the accuracy of always predicting it (0.0 for no labels)."""
-    counts = {}
-    for y in (int(v) for v in labels):
-        counts[y] = counts.get(y, 0) + 1
-    return max(counts.values()) / len(labels) if counts else 0.0
 
 
 def is_collapsed(student: dict) -> bool | None:
@@ -68,3 +60,16 @@ def curve_rows(sweep: str, trial_id: str, students: list[dict], teachers: list[d
             rows.append({"sweep": sweep, "trial_id": trial_id, "seed": t["seed"], "method": f"teacher:{t['kind']}",
                          "domain": t.get("domain") or "all", "teacher_key": t["key"], **p})
     return rows
+
+
+def running_metrics(results: list[dict], methods: list[str]) -> dict:
+    """Trial metrics so far: mean dev/test accuracy of the first method (all methods when it has none yet)."""
+    primary = [r for r in results if r["method"] == methods[0]] or results
+    out = {"jobs_done": len(results)}
+    for split in ("dev", "test"):
+        out[f"{split}_accuracy"] = sum(r[f"{split}_accuracy"] for r in primary) / len(primary) if primary else 0.0
+        for m in methods:
+            rs = [r[f"{split}_accuracy"] for r in results if r["method"] == m]
+            if rs:
+                out[f"{m}/{split}_accuracy"] = sum(rs) / len(rs)
+    return out

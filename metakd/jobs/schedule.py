@@ -1,7 +1,7 @@
 """When one trial starts its teacher and student runs: as soon as there is work and room.
 
 A *run* is one launch of a per-worker function (one ``TorchTrainer.fit()`` on Ray, a thread
-in-process) whose workers pull work from the registry (:mod:`metakd.train.workers`):
+in-process) whose workers pull work from the registry (:mod:`metakd.jobs.workers`):
 
 - teacher runs: while some teacher of the trial is missing and unclaimed, start another run of
   ``workers_per_trial`` ranks if the cluster has room for it. Each run trains teachers one after
@@ -15,7 +15,7 @@ in-process) whose workers pull work from the registry (:mod:`metakd.train.worker
   the trial's student run.
 
 Room is what Ray reports available less what earlier admissions promised to runs that have not
-started yet (:meth:`metakd.train.registry.RegistryState.admit`), so trials deciding at the same
+started yet (:meth:`metakd.jobs.registry.RegistryState.admit`), so trials deciding at the same
 moment do not all count the same free CPUs. Jobs and teachers finished by anyone (another trial,
 an earlier driver) are read from the store, not trained again.
 """

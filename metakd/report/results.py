@@ -11,7 +11,7 @@ part (one part per trial), so any Parquet reader sees a table by globbing a dire
 A student job that several trials need (a baseline in a sweep over ``gamma2``) is trained once;
 every trial still lists it, and the rows of the trials that did not train it carry
 ``reused_from`` (the trial that did). ``student_key`` names the trained student: count trainings
-with the rows whose ``reused_from`` is null; ``metakd.analysis`` counts each student once per cell.
+with the rows whose ``reused_from`` is null; ``metakd.report.analysis`` counts each student once per cell.
 
 The writer replaces a part atomically, so a crash never leaves a truncated file and a
 resumed trial that writes its part again never duplicates rows. The reader needs neither

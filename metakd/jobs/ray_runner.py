@@ -1,7 +1,7 @@
 """Start runs of the per-worker functions as Ray Train workers: one ``TorchTrainer.fit()`` per run.
 
 A fit costs ~11 s of fixed overhead on a small machine, so a run's workers pull work until
-none is left (:mod:`metakd.train.workers`) instead of one fit per teacher or student.
+none is left (:mod:`metakd.jobs.workers`) instead of one fit per teacher or student.
 
 - teacher run: ``workers_per_trial`` workers of ``cpus_per_worker`` CPUs and ``gpus_per_worker``
   GPUs, DDP ranks of one teacher at a time (NCCL on GPUs, gloo on CPUs);

@@ -3,8 +3,8 @@ trained once (by whoever claims it first) and reused from the store afterwards.
 
 The same function serves ``metakd run`` (in-process or on a local Ray instance) and every
 sweep trial; what differs is the *runner* (how runs of the per-worker functions start: threads
-here, ``TorchTrainer`` fits in :mod:`metakd.train.ray_runner`) and the *registry* (who may train
-a missing artifact, :mod:`metakd.train.registry`).
+here, ``TorchTrainer`` fits in :mod:`metakd.jobs.ray_runner`) and the *registry* (who may train
+a missing artifact, :mod:`metakd.jobs.registry`).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from ..storage import Store
 from .events import count_student_trainings, count_teacher_trainings  # noqa: F401 (re-exported)
 from .registry import LocalRegistry, RegistryClient  # noqa: F401 (LocalRegistry re-exported)
 from .schedule import TrialSchedule
-from .student import META_METHODS
-from .teacher import TeacherSpec, teacher_spec
+from ..train.student import META_METHODS
+from ..train.teacher import TeacherSpec, teacher_spec
 from .workers import student_worker, teacher_worker
 
-Registry = RegistryClient  # claim / finish / release / states / admit ...: metakd.train.registry
+Registry = RegistryClient  # claim / finish / release / states / admit ...: metakd.jobs.registry
 
 STUDENT_VERSION = "student-v1"  # bump when student training changes so that stale results are not reused
 # sections that never reach a student (run bookkeeping, or covered by the teacher key)
@@ -186,7 +186,7 @@ def run_experiment(cfg: ExperimentConfig, store: Store, registry: Registry, runn
                    on_students: Callable[[list[dict], list[dict]], None] | None = None,
                    source: dict | None = None, run_prefix: str = "run") -> dict:
     """Prepare data, then train every missing teacher and student job as soon as it can start
-    (:class:`metakd.train.schedule.TrialSchedule`), reusing whatever the store already holds.
+    (:class:`metakd.jobs.schedule.TrialSchedule`), reusing whatever the store already holds.
 
     ``source`` ({trial_id, part}) is recorded with every student trained here; a result whose
     ``part`` differs (another trial's configuration trained the same job) comes back with

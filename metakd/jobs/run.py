@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import analysis, results
+from ..report import analysis, results
 from ..config import ExperimentConfig
 from ..storage import Store
 from .experiment import LocalRegistry, LocalRunner, run_experiment
-from .rows import curve_rows, result_rows
+from ..report.rows import curve_rows, result_rows
 
 
 def run_local(cfg: ExperimentConfig, root: str | None = None, use_ray: bool = False, log=print) -> dict:

@@ -3,7 +3,7 @@
 ``register(subparsers)`` adds the four subcommands to the main ``metakd`` parser; each sets
 ``func(args) -> exit code``. Analysis errors (a missing method, split or column, a path
 with no results) print ``error: ...`` to stderr and return 2. Collapsed students (see
-``metakd.analysis``) are counted in, and named on stderr, unless ``--exclude-collapsed``.
+``metakd.report.analysis``) are counted in, and named on stderr, unless ``--exclude-collapsed``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from metakd import analysis, results
+from metakd.report import analysis, results
 
 _SPLITS = ("dev", "test")
 
@@ -134,7 +134,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from metakd import plots  # matplotlib only when plotting
+    from metakd.report import plots  # matplotlib only when plotting
 
     df = results.load(args.path)
     out = args.out or f"{args.figure}.png"

@@ -13,7 +13,7 @@ its workers busy for as long as it has work, whoever else is training:
 - :func:`teacher_then_student_worker`: one worker that does both in turn, when teachers and
   students take the same resources (one teacher worker, the same GPUs per worker).
 
-Every training leaves an event file (:mod:`metakd.train.events`) and a registry record that
+Every training leaves an event file (:mod:`metakd.jobs.events`) and a registry record that
 the sweep console prints. A student job's result is an artifact like a teacher:
 ``students/<key>/result.json`` with a ``_COMPLETE`` marker, so a trial that needs a job another
 trial trained reads it instead of training it again.
@@ -31,9 +31,9 @@ from ..config import from_dict
 from ..data import load_prepared
 from ..storage import Store
 from .events import STUDENT, TEACHER, worker_name, write_event
-from .runtime import LocalRuntime, make_runtime
-from .student import train_student
-from .teacher import TeacherSpec, train_one_teacher
+from ..train.runtime import LocalRuntime, make_runtime
+from ..train.student import train_student
+from ..train.teacher import TeacherSpec, train_one_teacher
 
 POLL_S = 1.0
 

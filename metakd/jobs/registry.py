@@ -243,3 +243,8 @@ def ray_registry(name: str, owner: str, lease_s: float = LEASE_S, detached: bool
     if detached:
         options["lifetime"] = "detached"
     return RegistryClient(actor_cls.options(**options).remote(lease_s), owner)
+
+
+def sweep_registry(sweep: str, owner: str) -> RegistryClient:
+    """The sweep's registry actor (detached, named after the sweep): claims, admissions, training log."""
+    return ray_registry(f"registry-{sweep}", owner)

@@ -1,4 +1,4 @@
-"""Tables of the paper from a sweep's results DataFrame (see ``metakd.results.load``).
+"""Tables of the paper from a sweep's results DataFrame (see ``metakd.report.results.load``).
 
 Every function uses only ``status == "ok"`` rows of one split, averages accuracy over
 everything that is not one of its keys within a seed (e.g. several trials with the same

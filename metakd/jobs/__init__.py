@@ -1,0 +1,3 @@
+"""Who trains what, where and when: a configuration -> teacher and student jobs (experiment.py), the
+registry of claims, the trial's schedule, the per-worker functions, the Ray and local runners, events,
+and ``metakd run`` (run.py). Imports train/, data, storage and report/ (to write rows); never sweep/."""
