@@ -25,7 +25,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-METHODS = ("metakd", "student_ft", "kd_single", "kd_mix", "kd_mtl", "metakd_no_target")
+from .methods import METHOD_NAMES
+
+METHODS = METHOD_NAMES  # the table of methods: metakd/methods.py
 
 # Size presets: (layers, hidden, heads, intermediate). The tiny-* ones exist so that tests and
 # the laptop sweep train in seconds on a CPU.
@@ -202,12 +204,16 @@ class MetaTeacherConfig:
     prototype: str = _help("class (paper) | domain (released code)", default="class")
     prototype_weighting: bool = _help("weight CE by prototype scores (false: every t_i = 1, ablation)", default=True)
     tda_target: str = _help("uniform (default) | shuffled (released code)", default="uniform")
+    tda_weighting: str = _help(
+        "none (default, the paper: mean_i t_i CE_i + gamma1 L_TDA) | instance (released code: t_i also scales the "
+        "domain term, mean_i t_i (CE_i + gamma1 CE(g_i, target_i)))", default="none")
 
     def validate(self, where: str) -> None:
         _check(self.gamma1 >= 0, where, "gamma1", self.gamma1, "a number >= 0")
         _check(0 <= self.alpha <= 1, where, "alpha", self.alpha, "a number in [0, 1]")
         _check_choice(self.prototype, ("class", "domain"), where, "prototype")
         _check_choice(self.tda_target, ("uniform", "shuffled"), where, "tda_target")
+        _check_choice(self.tda_weighting, ("none", "instance"), where, "tda_weighting")
 
 
 @dataclass
@@ -227,6 +233,20 @@ class DistillConfig:
     temperature: float = _help("softmax temperature T of the prediction-layer loss", default=1.0)
     pred_loss: str = _help("kl (default) | rkl | js | tvd", default="kl")
     layer_map: str = _help("exact (L must be a multiple of S) | round", default="exact")
+    attention: str = _help(
+        "what L_attn fits: scores (default; TinyBERT and the released code: the pre-softmax attention logits "
+        "QK^T/sqrt(d), plus MPNet's relative position bias, of every mapped layer, 0 on padded query/key "
+        "positions) | probs (the softmax probabilities; ~85x smaller a loss)", default="scores")
+    pred_weighting: str = _help(
+        "metakd/metakd_no_target: lambda (default, the paper's L_KD: L_pred weighted by lambda_i) | none (released "
+        "code: plain soft cross-entropy, batch mean); baselines have lambda_i = 1 either way", default="lambda")
+    tkd: str = _help(
+        "metakd/metakd_no_target: form of L_TKD. tanh (default, the spec: MSE(r_S W_d, r_T) of the tanh domain "
+        "representations, per example, lambda_i-weighted) | pre_tanh_shared (released code: the pre-tanh "
+        "representations, the student's mapped by W_h, the batch weighted by mean(lambda))", default="tanh")
+    stage1_schedule: str = _help(
+        "two_stage: learning-rate schedule of stage 1. linear (default: warmup_ratio warmup, then linear decay) | "
+        "constant (released code: stage1_lr throughout, no warmup, no decay)", default="linear")
     teacher_cache: str = _help(
         "auto: the frozen teacher's logits and r(x) come from the outputs stored with the teacher, and "
         "stage 1 / joint keep the teacher's mapped hidden states and attention maps of the target domain on "
@@ -243,6 +263,10 @@ class DistillConfig:
         _check_choice(self.schedule, ("two_stage", "joint"), where, "schedule")
         _check_choice(self.pred_loss, ("kl", "rkl", "js", "tvd"), where, "pred_loss")
         _check_choice(self.layer_map, ("exact", "round"), where, "layer_map")
+        _check_choice(self.attention, ("scores", "probs"), where, "attention")
+        _check_choice(self.pred_weighting, ("lambda", "none"), where, "pred_weighting")
+        _check_choice(self.tkd, ("tanh", "pre_tanh_shared"), where, "tkd")
+        _check_choice(self.stage1_schedule, ("linear", "constant"), where, "stage1_schedule")
         _check(self.temperature > 0, where, "temperature", self.temperature, "a number > 0")
         _check(self.stage1_epochs >= 0, where, "stage1_epochs", self.stage1_epochs, "an integer >= 0")
         _check_training(self, where, ("stage2_epochs", "epochs"), ("stage1_lr", "stage2_lr", "lr"))

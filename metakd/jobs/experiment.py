@@ -17,11 +17,11 @@ from typing import Callable
 
 from ..config import ExperimentConfig, ModelConfig, content_hash
 from ..data import data_key, prepare
+from ..methods import METHODS
 from ..storage import Store
 from .events import count_student_trainings, count_teacher_trainings  # noqa: F401 (re-exported)
 from .registry import LocalRegistry, RegistryClient  # noqa: F401 (LocalRegistry re-exported)
 from .schedule import TrialSchedule
-from ..train.student import META_METHODS
 from ..train.teacher import TeacherSpec, teacher_spec
 from .workers import student_worker, teacher_worker
 
@@ -31,9 +31,6 @@ STUDENT_VERSION = "student-v1"  # bump when student training changes so that sta
 # sections that never reach a student (run bookkeeping, or covered by the teacher key)
 _NOT_STUDENT = ("name", "methods", "seeds", "output_dir", "search", "data", "teacher", "student", "meta_teacher",
                 "distill")
-# distillation settings only the distillation methods read; student_ft fine-tunes with epochs, lr, ...
-_DISTILL_ONLY = ("gamma2", "schedule", "stage1_epochs", "stage1_lr", "stage2_epochs", "stage2_lr", "temperature",
-                 "pred_loss", "teacher_cache", "teacher_cache_gb")
 
 
 class LocalRunner:
@@ -146,11 +143,7 @@ def student_identity(cfg: ExperimentConfig, method: str, domain: str, seed: int,
     but no distillation setting. A sweep over gamma2 thus shares every baseline student.
     """
     full = cfg.to_dict()
-    distill = dict(full["distill"])
-    if method == "student_ft":
-        distill = {k: v for k, v in distill.items() if k not in _DISTILL_ONLY}
-    elif method not in META_METHODS:
-        distill.pop("gamma2")
+    distill = METHODS[method].student_distill(full["distill"])  # the settings this method reads
     ident = {"version": STUDENT_VERSION, "method": method, "domain": domain, "seed": seed,
              "teacher_key": teacher_key, "student": full["student"], "data": full["data"], "distill": distill,
              "run": {k: v for k, v in full.items() if k not in _NOT_STUDENT}}  # device, precision, ...
@@ -170,8 +163,8 @@ def plan(cfg: ExperimentConfig, domains: list[str]) -> tuple[list[TeacherSpec], 
     jobs = []
     for seed in cfg.seeds:
         for method in cfg.methods:
-            if method == "metakd_no_target" and len(domains) < 2:
-                raise ValueError("metakd_no_target needs at least 2 domains (the teacher skips the target)")
+            if len(domains) < METHODS[method].min_domains:
+                raise ValueError(f"{method} needs at least {METHODS[method].min_domains} domains")
             for domain in domains:  # already restricted to data.domains when given
                 spec = teacher_spec(cfg, method, domain, seed)
                 if spec is not None:

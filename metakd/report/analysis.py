@@ -28,7 +28,8 @@ import numbers
 import numpy as np
 import pandas as pd
 
-METHODS = ("student_ft", "kd_single", "kd_mix", "kd_mtl", "metakd_no_target", "metakd")
+from ..methods import METHOD_NAMES as METHODS  # table order: the baselines, then Meta-KD
+
 AVERAGE = "average"
 COLLAPSED = "collapsed"
 _BASE_COLUMNS = ("status", "split", "method", "domain", "seed", "accuracy")

@@ -26,13 +26,11 @@ from ..config import ExperimentConfig
 from ..data import make_loader
 from ..losses import (attention_mse, domain_expertise_weights, hidden_mse, layer_map, pred_divergence,
                       soft_cross_entropy, tkd_loss, weighted_mean)
+from ..methods import METHODS
 from ..models import build_student, build_teacher, load_model, measure_latency
 from .loop import StageSettings, evaluate, majority_rate, train_stage
 from .runtime import unwrap
 from .teacher_cache import TeacherOutputs, TeacherStates, teacher_caches
-
-META_METHODS = ("metakd", "metakd_no_target")
-
 
 class Distiller:
     """The loss steps of distillation: L_KD = (1/N) sum_i lambda_i (L_embd + L_hidn + L_attn + L_pred + gamma2 L_TKD).
@@ -117,6 +115,7 @@ def finetune_step(model, batch):
 def train_student(job: dict, cfg: ExperimentConfig, prepared, teacher_dir: str | None, runtime) -> dict:
     """Train one student for ``job`` (method, domain, seed); returns accuracies, timings, sizes, curve."""
     method, domain, seed = job["method"], job["domain"], job["seed"]
+    expertise = METHODS[method].domain_expertise  # lambda_i and gamma2 L_TKD (metakd/methods.py)
     domains = prepared.data.domains
     k = domains.index(domain)
     d = cfg.distill
@@ -126,7 +125,7 @@ def train_student(job: dict, cfg: ExperimentConfig, prepared, teacher_dir: str |
         teacher = load_model(teacher_dir, runtime.device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        if method in META_METHODS and os.path.exists(f"{teacher_dir}/scores.pt"):
+        if expertise and os.path.exists(f"{teacher_dir}/scores.pt"):
             scores = torch.load(f"{teacher_dir}/scores.pt", map_location="cpu", weights_only=True)["scores"]
     vocab = len(prepared.tokenizer)
     reference = teacher if teacher is not None else _shape_only_teacher(cfg, prepared)
@@ -154,7 +153,7 @@ def train_student(job: dict, cfg: ExperimentConfig, prepared, teacher_dir: str |
         needs_states = d.schedule == "joint" or d.stage1_epochs > 0
         outputs, states = teacher_caches(teacher, teacher_dir, prepared, train, cfg, runtime, layers,
                                          unwrap(model).encoder.config.num_attention_heads, needs_states)
-        distiller = Distiller(teacher, model, cfg, method in META_METHODS, scores, outputs, states)
+        distiller = Distiller(teacher, model, cfg, expertise, scores, outputs, states)
         if d.schedule == "joint":
             stage("joint", d.epochs, d.lr, distiller.joint)
         else:

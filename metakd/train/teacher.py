@@ -1,6 +1,7 @@
 """Teachers: the meta-teacher (spec section 2) and the baseline teachers (section 5).
 
-kind            trained on                 loss
+kind (metakd.methods.TEACHER_KINDS)
+                trained on                 loss
 meta            all K domains              mean_i t_i CE_i + gamma1 L_TDA
 meta_no_target  the K-1 other domains      same
 single          target domain k only       CE
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from ..config import ExperimentConfig, content_hash
 from ..losses import meta_teacher_loss, prototype_scores
+from ..methods import METHODS, TEACHER_KINDS
 from ..models import build_teacher, save_model
 from ..storage import Store
 from .features import prototype_features
@@ -28,10 +30,6 @@ from .loop import StageSettings, train_stage
 from .runtime import unwrap
 from .teacher_cache import compute_outputs, save_outputs
 
-META_KINDS = ("meta", "meta_no_target")
-TEACHER_OF_METHOD = {"metakd": "meta", "metakd_no_target": "meta_no_target", "kd_single": "single",
-                     "kd_mix": "mix", "kd_mtl": "mtl", "student_ft": None}
-PER_DOMAIN_KINDS = ("single", "meta_no_target")
 # bump when training changes so that stale teachers are not reused. v2: batch_size is the global batch
 # (v1 multiplied it by the workers), one seeded order for any worker count, unseen domains' e[k] = mean.
 VERSION = "teacher-v2"
@@ -62,25 +60,17 @@ def teacher_identity(cfg: ExperimentConfig, kind: str, domain: str | None, seed:
     teacher = {k: v for k, v in cfg.to_dict()["teacher"].items() if k not in NOT_IN_KEY}
     ident = {"version": VERSION, "kind": kind, "domain": domain, "seed": seed,
              "data": cfg.to_dict()["data"], "teacher": teacher, "precision": cfg.precision}
-    if kind in META_KINDS:
+    if TEACHER_KINDS[kind].meta:
         ident["meta_teacher"] = cfg.to_dict()["meta_teacher"]
     return ident
 
 
 def teacher_spec(cfg: ExperimentConfig, method: str, domain: str, seed: int) -> TeacherSpec | None:
-    kind = TEACHER_OF_METHOD[method]
+    kind = METHODS[method].teacher_kind
     if kind is None:
         return None
-    dom = domain if kind in PER_DOMAIN_KINDS else None
-    return TeacherSpec(kind, dom, seed, content_hash(teacher_identity(cfg, kind, dom, seed)))
-
-
-def teacher_domains(kind: str, domain: str | None, domains: list[str]) -> list[int]:
-    if kind == "single":
-        return [domains.index(domain)]
-    if kind == "meta_no_target":
-        return [i for i, d in enumerate(domains) if d != domain]
-    return list(range(len(domains)))
+    dom = domain if kind.per_domain else None
+    return TeacherSpec(kind.name, dom, seed, content_hash(teacher_identity(cfg, kind.name, dom, seed)))
 
 
 @torch.no_grad()
@@ -105,7 +95,7 @@ def compute_prototype_scores(features: torch.Tensor, split, domain_ids: list[int
 def teacher_loss_step(kind: str, cfg: ExperimentConfig, scores: torch.Tensor | None, seed: int):
     """The only part that differs between teachers."""
     mt = cfg.meta_teacher
-    if kind in META_KINDS:
+    if TEACHER_KINDS[kind].meta:
         gen = torch.Generator().manual_seed(seed)  # the shuffled TDA target's permutations
         on_device: dict = {}  # the scores, copied to the device once
 
@@ -141,13 +131,14 @@ def train_one_teacher(spec: TeacherSpec, cfg: ExperimentConfig, prepared, runtim
     """Train one teacher and save it (weights, prototype scores, outputs on the training data,
     summary) into ``out_dir``. ``store`` holds the shared prototype features (none: computed here)."""
     domains = prepared.data.domains
-    ids = teacher_domains(spec.kind, spec.domain, domains)
+    kind = TEACHER_KINDS[spec.kind]
+    ids = kind.domain_ids(spec.domain, domains)
     torch.manual_seed(spec.seed)
     model = build_teacher(cfg.teacher, len(prepared.tokenizer), cfg.data.max_length, prepared.data.num_labels,
-                          len(domains), multitask=spec.kind == "mtl")
+                          len(domains), multitask=kind.multitask)
     model = runtime.prepare_model(model)
     scores = all_scores = None
-    if spec.kind in META_KINDS:
+    if kind.meta:
         # prototypes come from the frozen *initial* encoder (section 1): features before any update,
         # one sharded pass per (initial encoder, prepared data) shared by every meta-teacher
         features = prototype_features(model, prepared, cfg, spec.seed, runtime, store)
