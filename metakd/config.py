@@ -703,18 +703,6 @@ def content_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dict/dataclass -> {"a.b": v} (lists kept as values)."""
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k not in ("params",):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:

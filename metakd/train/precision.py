@@ -1,7 +1,8 @@
 """Numeric precision of training and inference passes: ``precision: auto | fp32 | bf16``.
 
 bf16 is autocast (weights, gradients and optimizer state stay fp32; matmuls run in bf16), so
-no loss scaling is needed. Losses are computed in fp32 from upcast inputs (``as_fp32``).
+no loss scaling is needed. Losses are computed in fp32 from upcast inputs
+(the loss steps call ``.float()`` on what the forward returns).
 On CUDA, fp32 matmuls use TF32 tensor cores (``NVIDIA_TF32_OVERRIDE=0`` turns that off).
 """
 
@@ -34,11 +35,6 @@ def autocast(precision: str, device):
     if resolved == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_DTYPES[resolved])
-
-
-def as_fp32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors in fp32 (inputs of the losses, whatever precision the forward ran in)."""
-    return tuple(t.float() for t in tensors)
 
 
 _TF32_SET = False
