@@ -12,6 +12,9 @@ other student settings trains only students.
         --set distill.stage2_epochs=1     # the shape measured on 2 cores (see the README)
     python benchmarks/amazon_cpu.py --tune --seeds 0 --domains books kitchen \\
         --methods metakd kd_single --set distill.stage2_epochs=3     # tuning: dev numbers only
+    python benchmarks/amazon_cpu.py --methods kd_single metakd --recipes paper probs released \\
+        --domains books electronics --max-length 32 --sample-rate 0.5 \\
+        --set distill.stage2_epochs=1     # the three recipes side by side (README, Benchmarks)
 
 The default shape costs ~45 000 teacher example-passes and ~117 000 student example-passes per
 seed. On 2 CPU cores MiniLM-L6 trains ~20 examples/s at 128 tokens (a bare forward/backward; the
@@ -20,13 +23,18 @@ measured shape.
 
 Prints the main table (test accuracy, mean ± std over seeds), the paired comparison of metakd
 with kd_single and with kd_mix (difference in points, 95% t-interval, p-value, wins/ties/losses),
-and, from the same split, a TF-IDF + logistic-regression reference. ``--tune`` prints the
+and, from the same split, a TF-IDF + logistic-regression reference. ``--recipes`` instead runs
+each named option set (``RECIPES``: the paper's defaults with attention scores, the previous
+``attention: probs``, the released code's options) on one store, so teachers whose keys agree
+are trained once, and prints each recipe's table with metakd - kd_single, then every method
+across recipes paired by seed and domain. ``--tune`` prints the
 same on the dev split and never reads a test number: choose the recipe with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -45,6 +53,17 @@ from metakd.data import load_multidomain  # noqa: E402
 from metakd.jobs.run import run_local  # noqa: E402
 
 METHODS = ["student_ft", "kd_single", "kd_mix", "kd_mtl", "metakd_no_target", "metakd"]
+# --recipes: the options of the paper (metakd's defaults), the previous attention default, and the
+# authors' released code (README, Methods); each is applied on top of the recipe below and --set.
+RECIPES = {
+    "paper": {},  # attention: scores, pred_weighting: lambda, tkd: tanh, stage1_schedule: linear, ...
+    "probs": {"distill": {"attention": "probs"}},  # the default before attention scores
+    "released": {
+        "meta_teacher": {"prototype": "domain", "tda_target": "shuffled", "tda_weighting": "instance"},
+        "distill": {"attention": "scores", "pred_weighting": "none", "tkd": "pre_tanh_shared",
+                    "stage1_schedule": "constant", "temperature": 1.0},
+    },
+}
 
 
 def minilm_dir() -> str:
@@ -130,14 +149,20 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--domains", nargs="+", default=None, help="default: all four")
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--sample-rate", type=float, default=1.0, help="< 1 only to smoke-test the script")
+    parser.add_argument("--sample-rate", type=float, default=1.0,
+                        help="fraction of each domain's training split kept (data.sample_rate)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set distill.temperature=2 (repeatable)")
     parser.add_argument("--tune", action="store_true", help="report the dev split only (choose the recipe with it)")
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=None,
+                        help="run these option sets side by side on one store (teachers shared where their keys "
+                             "agree) and compare them paired by seed and domain")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     split = "dev" if args.tune else "test"
+    if args.recipes:
+        return compare_recipes(args, split)
     start = time.perf_counter()
     raw = experiment(args)
     cfg = from_dict(raw)
@@ -168,6 +193,62 @@ def main() -> None:
     student_s = sum(s["train_seconds"] for s in students)
     print(f"{len(teachers)} teachers trained ({teacher_s / 60:.1f} min of training), {len(students)} students "
           f"({student_s / 60:.1f} min); total {wall / 60:.1f} min wall on {os.cpu_count()} CPU cores")
+
+
+def _merge(raw: dict, over: dict) -> dict:
+    out = copy.deepcopy(raw)
+    for key, value in over.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def compare_recipes(args, split: str) -> None:
+    """Every recipe of ``args.recipes`` on one store; per recipe the main table and metakd - kd_single,
+    then each method across recipes, paired by seed and domain (scores - probs, released - paper)."""
+    start = time.perf_counter()
+    root = str(ROOT / "runs" / "benchmarks" / "amazon_cpu_recipes")
+    print("command: python benchmarks/amazon_cpu.py " + " ".join(sys.argv[1:]), flush=True)
+    frames, tables = {}, {}
+    for recipe in args.recipes:
+        raw = _merge(experiment(args), RECIPES[recipe])
+        for item in args.set:  # --set wins over the recipe
+            key, _, value = item.partition("=")
+            *path, leaf = key.split(".")
+            node = raw
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = _parse(value)
+        cfg = from_dict(raw)
+        t0 = time.perf_counter()
+        print(f"\n=== recipe {recipe}: meta_teacher {raw['meta_teacher']} | distill {raw['distill']} | data "
+              f"{raw['data']}", flush=True)
+        out = run_local(cfg, root=root)
+        df = pd.DataFrame(out["rows"])
+        df["recipe"] = recipe
+        frames[recipe] = df
+        long = analysis.main_table(df, split=split)
+        tables[recipe] = analysis.pivot_main_table(long)
+        print(f"\n[{recipe}] {split} accuracy (%), mean ± std over {len(args.seeds)} seed(s); "
+              f"{len(out['teachers_trained'])} teachers trained here, {(time.perf_counter() - t0) / 60:.1f} min")
+        print(tables[recipe].to_string())
+        if {"metakd", "kd_single"} <= set(args.methods):
+            print(format_comparison(analysis.compare_methods(df, "metakd", "kd_single", split)))
+        print(analysis.describe_collapsed(df) or "no collapsed students", flush=True)
+    print(f"\nall recipes, {split} accuracy (%)")
+    print(pd.concat(tables, names=["recipe"]).to_string())
+    pairs = [(a, b) for a, b in (("paper", "probs"), ("released", "paper"), ("released", "probs"))
+             if a in frames and b in frames]
+    for method in args.methods:
+        for a, b in pairs:
+            both = pd.concat([frames[a], frames[b]], ignore_index=True)
+            both = both[both["method"] == method].copy()
+            both["method"] = both["method"] + "@" + both["recipe"]
+            # the recipes differ in their options by design: pair on seed and domain only
+            both = both.drop(columns=[c for c in analysis.PAIR_COLUMNS if c in both.columns])
+            print()
+            print(format_comparison(analysis.compare_methods(both, f"{method}@{a}", f"{method}@{b}", split)))
+    wall = time.perf_counter() - start
+    print(f"\ntotal {wall / 60:.1f} min wall on {os.cpu_count()} CPU cores", flush=True)
 
 
 if __name__ == "__main__":

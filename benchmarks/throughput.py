@@ -11,15 +11,17 @@ Settings:
   forwards that return attention maps, batches cut to their longest sequence, fused AdamW on CUDA,
   no per-step host sync; ``+cache``: the frozen teacher's outputs (stage 2) and its stage-1 states
   (fp16, on the device) read from ``metakd.train.teacher_cache`` instead of a teacher forward;
-- old: fp32, eager attention everywhere, every batch padded to ``--seq``, the teacher re-run on every
-  batch, AdamW without the fused kernel, ``float(loss)`` after every step.
+- old: IEEE fp32 (TF32 off for these rows only: ``precision.fp32_matmuls(tf32=False)``), eager attention
+  everywhere, every batch padded to ``--seq``, the teacher re-run on every batch, AdamW without the
+  fused kernel, ``float(loss)`` after every step.
 
-FLOP model (multiply-add = 2 FLOPs), per token of an encoder with L layers, hidden H, FFN I, at
-padded length S: forward = L * (8 H^2 + 4 H I + 4 S H) (Q, K, V, O projections; FFN; QK^T and AV),
-i.e. 2 * params * tokens + the attention term; training = 3 x forward. A distillation step adds the
-teacher's forward only when the teacher runs. Tokens are the *processed* (padded) tokens, so TFLOP/s
-and MFU measure the hardware's use; examples/s measures the speed that matters. MFU is against
-``--peak-tflops`` (default: the device's dense bf16 peak from a small table).
+FLOPs: :mod:`metakd.flops` (multiply-add = 2 FLOPs; forward = L (8 H^2 + 4 H I + 4 S H) per token,
+training = 3 x forward; stage 1 adds the student-to-teacher projections W_h and W_d; a distillation
+step adds the teacher's forward only when the teacher runs). Tokens are the *processed* (padded)
+tokens, so TFLOP/s and MFU measure the hardware's use; examples/s measures the speed that matters.
+MFU is against ``--peak-tflops`` (default: the dense bf16 peak of the exact part CUDA names,
+``metakd.flops.peak_bf16_tflops``; none for a part it does not know). ``--json PATH`` also writes the
+rows and the run's settings as JSON (``benchmarks/gpu_check.sh`` reads them).
 
     python benchmarks/throughput.py                 # BERT-base teacher, TinyBERT-4L student, seq 128
     python benchmarks/throughput.py --cpu-small     # a CPU-sized shape
@@ -29,6 +31,8 @@ and MFU measure the hardware's use; examples/s measures the speed that matters. 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from metakd import flops as flop_model  # noqa: E402
 from metakd.config import ModelConfig, from_dict  # noqa: E402
 from metakd.data import EncodedSplit  # noqa: E402
 from metakd.loader import stack_collate, trim_collate  # noqa: E402
@@ -49,21 +54,11 @@ from metakd.train.student import Distiller  # noqa: E402
 from metakd.train.teacher import teacher_loss_step  # noqa: E402
 from metakd.train.teacher_cache import TeacherOutputs, TeacherStates, compute_outputs  # noqa: E402
 
-# dense bf16 tensor-core peaks, TFLOP/s (vendor data sheets, SXM parts)
-PEAK_BF16 = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
-
-
 def sizes(text: str) -> tuple[int, int, int, int]:
     parts = [int(x) for x in text.split("-")]
     if len(parts) != 4:
         raise argparse.ArgumentTypeError(f"{text!r}: expected layers-hidden-heads-intermediate, e.g. 12-768-12-3072")
     return tuple(parts)
-
-
-def forward_flops(model_sizes, batch: int, seq: int) -> float:
-    """FLOPs of one encoder forward over ``batch`` sequences of padded length ``seq``."""
-    layers, h, _, inter = model_sizes
-    return batch * seq * layers * (8 * h * h + 4 * h * inter + 4 * seq * h)
 
 
 def synthetic_split(n: int, seq: int, vocab: int, min_length: int, seed: int = 0) -> EncodedSplit:
@@ -134,7 +129,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="rounds over all settings; the fastest round is reported")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=prec.PRECISIONS, help="of the new settings")
-    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: bf16 peak of the GPU)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="for MFU (default: the dense bf16 peak of the GPU, looked up by its exact name)")
+    p.add_argument("--json", default=None, help="also write the rows and settings to this JSON file")
     p.add_argument("--cpu-small", action="store_true",
                    help="a CPU-sized shape: teacher 4-256-4-1024, student 2-128-4-512, seq 64, batch 16, vocab 2000, "
                         "8 steps after 2")
@@ -146,10 +143,10 @@ def main() -> None:
     runtime = LocalRuntime(a.device, log=lambda *_: None)
     device = runtime.device
     new_precision = prec.resolve(a.precision, device)
-    peak = a.peak_tflops
-    if peak is None and device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = a.peak_tflops if a.peak_tflops is not None else \
+        flop_model.peak_bf16_tflops(name) if device.type == "cuda" else None
+    peak_source = "--peak-tflops" if a.peak_tflops is not None else f"the data-sheet peak of {name}"
 
     cfg = from_dict({"teacher": dict(zip(("layers", "hidden", "heads", "intermediate"), a.teacher)),
                      "student": dict(zip(("layers", "hidden", "heads", "intermediate"), a.student)),
@@ -164,14 +161,15 @@ def main() -> None:
         student = build_student(cfg.student, teacher, a.vocab, a.seq, "round").to(device)
         return teacher, student
 
+    tkd = cfg.distill.gamma2 > 0  # the meta distiller adds W_d r(x) to stage 1
+
     def teacher_train(n, length):
-        return 3 * forward_flops(a.teacher, n, length)
+        return flop_model.teacher_step(a.teacher, n, length)
 
-    def student_train(n, length):
-        return 3 * forward_flops(a.student, n, length)
-
-    def student_train_teacher_forward(n, length):
-        return 3 * forward_flops(a.student, n, length) + forward_flops(a.teacher, n, length)
+    def step_flops(stage: str, teacher_runs: bool):
+        if stage == "stage1":
+            return lambda n, length: flop_model.stage1_step(a.student, a.teacher, n, length, teacher_runs, tkd)
+        return lambda n, length: flop_model.stage2_step(a.student, a.teacher, n, length, teacher_runs)
 
     trimmed, fixed = batches(split, a.batch, True), batches(split, a.batch, False)
     # (step, setting, model, loss step, batches, precision, fused AdamW, host sync, FLOPs per step)
@@ -182,7 +180,7 @@ def main() -> None:
                   False, teacher_train))
     teacher, _ = fresh_models()
     set_eager(teacher)
-    cases.append(("teacher", "old (fp32, eager, fixed)", teacher, step, fixed, "fp32", False, True, teacher_train))
+    cases.append(("teacher", "old (fp32 IEEE, eager, fixed)", teacher, step, fixed, "fp32", False, True, teacher_train))
 
     # distillation: the same frozen teacher for every setting
     teacher, student = fresh_models()
@@ -191,7 +189,8 @@ def main() -> None:
     sync(device)
     t0 = time.perf_counter()
     outputs = TeacherOutputs(compute_outputs(teacher, split, runtime, new_precision), device)
-    states = TeacherStates.compute(teacher, split, d_plain.layers, a.student[2], runtime, new_precision)
+    states = TeacherStates.compute(teacher, split, d_plain.layers, a.student[2], runtime, new_precision,
+                                   attention=cfg.distill.attention)
     sync(device)
     build_s = time.perf_counter() - t0
     d_cache = Distiller(teacher, student, cfg, meta=True, scores=scores, outputs=outputs, states=states)
@@ -201,19 +200,21 @@ def main() -> None:
     d_old = Distiller(old_teacher, student, cfg, meta=True, scores=scores)
     for stage in ("stage1", "stage2"):
         cases.append((stage, f"new ({new_precision}) + cache", fresh_models()[1], getattr(d_cache, stage), trimmed,
-                      new_precision, True, False, student_train))
+                      new_precision, True, False, step_flops(stage, False)))
         cases.append((stage, f"new ({new_precision}), teacher re-run", fresh_models()[1], getattr(d_plain, stage),
-                      trimmed, new_precision, True, False, student_train_teacher_forward))
+                      trimmed, new_precision, True, False, step_flops(stage, True)))
         student = fresh_models()[1]
         set_eager(student)
-        cases.append((stage, "old (fp32, eager, fixed, re-run)", student, getattr(d_old, stage), fixed, "fp32", False,
-                      True, student_train_teacher_forward))
+        cases.append((stage, "old (fp32 IEEE, eager, fixed, re-run)", student, getattr(d_old, stage), fixed, "fp32",
+                      False, True, step_flops(stage, True)))
 
     # rounds over all cases, best round kept: load from other processes slows single rounds, not the best
     best: dict[int, tuple] = {}
     for _ in range(a.repeats):
-        for i, (_s, _n, model, fn, pool, precision, fused, host_sync, flops) in enumerate(cases):
-            res = time_steps(model, fn, pool, device, precision, fused, host_sync, flops, a.steps, a.warmup)
+        for i, (_s, setting, model, fn, pool, precision, fused, host_sync, flops) in enumerate(cases):
+            # the old rows in IEEE fp32: TF32 off for them alone (the engine's fp32 uses TF32 on CUDA)
+            with prec.fp32_matmuls(tf32=not setting.startswith("old")):
+                res = time_steps(model, fn, pool, device, precision, fused, host_sync, flops, a.steps, a.warmup)
             if i not in best or res[0] < best[i][0]:
                 best[i] = res
     cut = sum(b["input_ids"].numel() for b in trimmed) / sum(b["input_ids"].numel() for b in fixed)
@@ -224,8 +225,11 @@ def main() -> None:
         rows.append({"step": case[0], "setting": case[1], "ex_s": examples / seconds, "tflops": tflops,
                      "mfu": tflops / peak if peak else None, "ms_step": 1000 * seconds / a.steps})
 
-    print(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    tf32_env = os.environ.get("NVIDIA_TF32_OVERRIDE")
+    print(f"device {device}{' (' + name + ')' if device.type == 'cuda' else ''}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}"
+          + (f"; new fp32 matmuls TF32, old IEEE fp32{' (NVIDIA_TF32_OVERRIDE=' + tf32_env + ')' if tf32_env else ''}"
+             if device.type == "cuda" else ""))
     print(f"teacher {'-'.join(map(str, a.teacher))}, student {'-'.join(map(str, a.student))} "
           f"(layers-hidden-heads-intermediate), seq {a.seq}, batch {a.batch}, vocab {a.vocab}, "
           f"lengths uniform in [{min_length}, {a.seq}]: real tokens {fill:.0%} of max_length; batches cut to their "
@@ -234,8 +238,9 @@ def main() -> None:
           f"{(states.hidden.numel() + states.attention.numel()) * 2 / 2**20:.0f} MiB fp16): "
           f"{len(split) / build_s:.1f} examples/s, outputs once per teacher, states once per student job")
     print(f"timed: {a.steps} steps after {a.warmup} warm-up steps, best of {a.repeats} interleaved rounds; "
-          "TFLOP/s from the FLOP model in the docstring"
-          + (f"; MFU against {peak:.0f} TFLOP/s (dense bf16)" if peak else ""))
+          "TFLOP/s from metakd.flops (stage 1 with the W_h / W_d projections)"
+          + (f"; MFU against {peak:.0f} TFLOP/s (dense bf16, {peak_source})" if peak else
+             ("; MFU: no known peak for this GPU, pass --peak-tflops" if device.type == "cuda" else "")))
     print()
     head = f"{'step':8} {'setting':38} {'examples/s':>11} {'ms/step':>9} {'TFLOP/s':>9}"
     head += f" {'MFU':>6}" if peak else ""
@@ -253,6 +258,18 @@ def main() -> None:
         print(f"  {stage}   new + cache / old:          {by[stage, 'new cache'] / by[stage, 'old']:.2f}x")
         print(f"  {stage}   new + cache / new re-run:   {by[stage, 'new cache'] / by[stage, 'new']:.2f}x")
         print(f"  {stage}   new re-run / old:           {by[stage, 'new'] / by[stage, 'old']:.2f}x")
+    if a.json:
+        ratios = {"teacher new/old": by["teacher", "new"] / by["teacher", "old"]}
+        for stage in ("stage1", "stage2"):
+            ratios.update({f"{stage} cache/old": by[stage, "new cache"] / by[stage, "old"],
+                           f"{stage} cache/re-run": by[stage, "new cache"] / by[stage, "new"],
+                           f"{stage} re-run/old": by[stage, "new"] / by[stage, "old"]})
+        with open(a.json, "w") as f:
+            json.dump({"device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+                       "teacher": a.teacher, "student": a.student, "seq": a.seq, "batch": a.batch,
+                       "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "precision": new_precision,
+                       "nvidia_tf32_override": tf32_env, "peak_tflops": peak, "rows": rows, "ratios": ratios}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ class SyntheticConfig:
         _check(self.num_domains >= 1, where, "num_domains", self.num_domains, "an integer >= 1")
         _check(self.num_labels >= 2, where, "num_labels", self.num_labels, "an integer >= 2")
         _check(self.examples_per_domain >= 20, where, "examples_per_domain", self.examples_per_domain, ">= 20")
+        for name in ("words_per_example", "shared_vocab", "domain_vocab"):
+            _check(getattr(self, name) >= 1, where, name, getattr(self, name), "an integer >= 1")
         _check(0 <= self.domain_cue_rate <= 1, where, "domain_cue_rate", self.domain_cue_rate, "a number in [0, 1]")
         _check(0 <= self.label_noise < 0.5, where, "label_noise", self.label_noise, "a number in [0, 0.5)")
 
@@ -88,10 +90,13 @@ class DataConfig:
     text_column: str = _help("column holding the text (the premise for pairs)", default="text")
     text_pair_column: str | None = _help("column holding the second text of a pair (e.g. hypothesis)", default=None)
     label_column: str = _help("column holding the integer (or string) label", default="label")
+    label_case: str = _help("fold (label names compared case-insensitively: Positive = positive) | keep "
+                            "(case is significant)", default="fold")
     domain_column: str = _help("column naming the domain (e.g. genre for MNLI)", default="domain")
     hf_config: str | None = _help("datasets config name for source: hf", default=None)
     hf_train_split: str = _help("split of the hf dataset to train on", default="train")
-    hf_test_split: str | None = _help("hf split used as test (e.g. validation_matched); None: carve from train", default=None)
+    hf_test_split: str | None = _help("hf split used as test (e.g. validation_matched); None: validation_matched "
+                                      "when the dataset has it (MNLI), else carved from train", default=None)
     num_labels: int | None = _help("number of classes (None: inferred from the data)", default=None)
     sample_rate: float = _help("fraction of each domain's training split kept, in (0, 1]", default=1.0)
     max_length: int = _help("maximum sequence length in tokens", default=64)
@@ -109,12 +114,14 @@ class DataConfig:
         _check_choice(self.source, ("synthetic", "amazon", "files", "hf"), where, "source")
         if self.source != "synthetic" and not self.path:
             raise ConfigError(f"{where}.path: required for source '{self.source}' (got nothing)")
+        self.path = expand_user(self.path)
         _check(
             isinstance(self.sample_rate, (int, float)) and 0 < self.sample_rate <= 1,
             where, "sample_rate", self.sample_rate, "a number in (0, 1]",
         )
         _check_choice(self.truncation, ("head", "head_tail"), where, "truncation")
         _check_choice(self.batching, ("random", "length_grouped"), where, "batching")
+        _check_choice(self.label_case, ("fold", "keep"), where, "label_case")
         _check(8 <= self.max_length <= 4096, where, "max_length", self.max_length, "an integer in [8, 4096]")
         _check(self.num_labels is None or self.num_labels >= 2, where, "num_labels", self.num_labels, "None or >= 2")
         _check(self.vocab_size >= 100, where, "vocab_size", self.vocab_size, "an integer >= 100")
@@ -152,6 +159,9 @@ class ModelConfig:
                 f"checkpoint={self.checkpoint!r}, sizes={explicit}")
         if self.preset is not None:
             _check_choice(self.preset, tuple(sorted(PRESETS)), where, "preset")
+        if self.checkpoint is not None:
+            self.checkpoint = expand_user(self.checkpoint)
+            _refuse_preset_typo(self.checkpoint, where)
         if any(v is not None for v in explicit):
             for name, v in zip(("layers", "hidden", "heads", "intermediate"), explicit):
                 _check(isinstance(v, int) and v >= 1, where, name, v, "a positive integer (all four sizes are needed)")
@@ -195,6 +205,185 @@ class TeacherConfig(ModelConfig):
         _check_training(self, where, ("epochs",), ("lr",))
         _check(self.checkpoint_interval_s >= 0, where, "checkpoint_interval_s", self.checkpoint_interval_s,
                "a number of seconds >= 0")
+
+
+# Structured pruning's criteria by structure; the released values that differ between CAP-m/soft
+# (unstructured) and CAP-f (heads_ffn) (cap-pruning spec §1.8): what an unset field resolves to.
+PRUNE_CRITERIA = {"unstructured": ("movement", "soft_movement", "magnitude"), "heads_ffn": ("first_order",)}
+PRUNE_DEFAULTS = {
+    "unstructured": {"criterion": "movement", "w_unsup": 0.1, "w_sup": 10.0, "kd_temperature": 2.0, "lr": 3e-5,
+                     "weight_decay": 0.0},
+    "heads_ffn": {"criterion": "first_order", "w_unsup": 0.3, "w_sup": 3.0, "kd_temperature": 1.0, "lr": 2e-5,
+                  "weight_decay": 0.01},
+}
+CONTRASTIVE_MODULES = ("prc", "snc", "fic")
+# fields only one structure (or criterion) reads: the others leave them out of the student key
+_PRUNE_ONLY = {"unstructured": ("epochs", "dense_epochs", "final_epochs"), "heads_ffn": ("step", "retrain_epochs",
+               "min_heads_per_layer"), "scores": ("score_lr",), "soft_movement": ("soft_final_threshold",
+               "soft_final_lambda"), "cap": ("kd_temperature",)}
+
+
+@dataclass
+class PruneConfig:
+    """A pruned student (CAP, cap-pruning spec §3): the teacher's architecture with weights removed, trained
+    in one joint stage. Unset (None) fields take the released value of the structure (§1.8)."""
+
+    sparsity: float = _help("share of the encoder layers' prunable weights removed, 0 < s < 1 (unstructured: of the six "
+                            "matrices of each layer; heads_ffn: of the heads and of the FFN neurons; soft_movement: "
+                            "the nominal target only, reported as prune_target)", default=0.9)
+    structure: str = _help("unstructured (per-weight masks on Q, K, V, attention-output, FFN-in, FFN-out) | heads_ffn "
+                           "(attention heads and FFN neurons)", default="unstructured")
+    criterion: str | None = _help("unstructured: movement (learned scores, topK per matrix) | soft_movement (sigmoid "
+                                  "threshold + regulariser) | magnitude; heads_ffn: first_order (|dL/dgate|). None: "
+                                  "movement / first_order", default=None)
+    contrastive: list[str] = _help("CAP's contrastive modules, any subset of prc (the pre-trained model), snc (snapshots "
+                                   "of the pruned model), fic (the fine-tuned model: the method's teacher); [] = "
+                                   "pruning + distillation only", default_factory=lambda: list(CONTRASTIVE_MODULES))
+    init: str = _help("pretrained (CAP: the teacher's initial encoder + fresh heads) | teacher (a copy of the "
+                      "trained teacher)", default="pretrained")
+    base_loss: str = _help("method (the method's own L_KD at every step, L_pred x kd_weight, + ce_weight CE) | cap "
+                           "(released: ce_weight CE + kd_weight T^2 KL at kd_temperature)", default="method")
+    temperature: float = _help("tau of the contrastive losses", default=0.1)
+    w_unsup: float | None = _help("weight of the unsupervised contrastive term (None: 0.1 unstructured, 0.3 heads_ffn)",
+                                  default=None)
+    w_sup: float | None = _help("weight of the supervised (label-aware) contrastive term (None: 10 unstructured, 3 "
+                                "heads_ffn)", default=None)
+    extra_negatives: int = _help("Q: bank vectors drawn per batch, |E| = min(floor(Q / R), N)", default=4096)
+    normalize: str = _help("released (the authors' code; its weights assume it) | anchor_mean (multi-positive "
+                           "InfoNCE)", default="released")
+    ce_weight: float = _help("weight of the cross-entropy with the labels (a student_ft student: 1)", default=0.1)
+    kd_weight: float = _help("weight of the logit distillation term (base_loss method: of L_pred)", default=0.9)
+    kd_temperature: float | None = _help("base_loss cap: T of the logit KD (None: 2 unstructured, 1 heads_ffn)",
+                                         default=None)
+    epochs: int = _help("unstructured: epochs of the one joint stage", default=10)
+    dense_epochs: int = _help("unstructured: epochs before pruning starts (a of the cubic schedule)", default=2)
+    final_epochs: int = _help("unstructured: epochs at the final mask (b of the cubic schedule)", default=3)
+    lr: float | None = _help("learning rate of the weights (None: 3e-5 unstructured, 2e-5 heads_ffn)", default=None)
+    score_lr: float = _help("movement / soft_movement: learning rate of the scores (no weight decay)", default=1e-2)
+    weight_decay: float | None = _help("AdamW weight decay of the weights (None: 0 unstructured, 0.01 heads_ffn)",
+                                       default=None)
+    soft_final_threshold: float = _help("soft_movement: final sigmoid threshold kappa_f", default=0.1)
+    soft_final_lambda: float | None = _help("soft_movement: final regulariser weight (required; released: QQP 190 / "
+                                            "550 for 90 / 97 %)", default=None)
+    step: float = _help("heads_ffn: sparsity added per pruning step", default=0.1)
+    retrain_epochs: int = _help("heads_ffn: epochs of retraining after each step", default=2)
+    min_heads_per_layer: int = _help("heads_ffn: the most important heads of each layer that are never pruned",
+                                     default=1)
+
+    def validate(self, where: str) -> None:
+        """Checks the block and fills every unset field with its structure's value."""
+        _check_choice(self.structure, tuple(PRUNE_CRITERIA), where, "structure")
+        for name, value in PRUNE_DEFAULTS[self.structure].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        _check(0 < self.sparsity < 1, where, "sparsity", self.sparsity, "a number in (0, 1)")
+        _check(self.criterion in PRUNE_CRITERIA[self.structure], where, "criterion", self.criterion,
+               f"one of {', '.join(PRUNE_CRITERIA[self.structure])} for structure {self.structure}")
+        _check(all(m in CONTRASTIVE_MODULES for m in self.contrastive) and len(set(self.contrastive)) == len(
+            self.contrastive), where, "contrastive", self.contrastive, f"distinct modules from {CONTRASTIVE_MODULES}")
+        _check_choice(self.init, ("pretrained", "teacher"), where, "init")
+        _check_choice(self.base_loss, ("method", "cap"), where, "base_loss")
+        _check_choice(self.normalize, ("released", "anchor_mean"), where, "normalize")
+        for name in ("temperature", "kd_temperature"):
+            _check(getattr(self, name) > 0, where, name, getattr(self, name), "a number > 0")
+        for name in ("w_unsup", "w_sup", "ce_weight", "kd_weight", "weight_decay"):
+            _check(getattr(self, name) >= 0, where, name, getattr(self, name), "a number >= 0")
+        _check(self.extra_negatives >= 0, where, "extra_negatives", self.extra_negatives, "an integer >= 0")
+        for name in ("lr", "score_lr"):
+            _check(0 < getattr(self, name) < 1, where, name, getattr(self, name), "a learning rate in (0, 1)")
+        if self.structure == "unstructured":
+            _check(self.epochs >= 1, where, "epochs", self.epochs, "an integer >= 1")
+            for name in ("dense_epochs", "final_epochs"):
+                _check(getattr(self, name) >= 0, where, name, getattr(self, name), "an integer >= 0")
+            _check(self.dense_epochs + self.final_epochs <= self.epochs, where, "final_epochs", self.final_epochs,
+                   f"at most epochs - dense_epochs ({self.epochs - self.dense_epochs})")
+        if self.criterion == "soft_movement":
+            _check(0 < self.soft_final_threshold < 1, where, "soft_final_threshold", self.soft_final_threshold,
+                   "a number in (0, 1)")
+            if self.soft_final_lambda is None:
+                raise ConfigError(f"{where}.soft_final_lambda: required for criterion soft_movement (released: "
+                                  f"QQP 190 / 550, MNLI 290 / 680 for 90 / 97 % sparsity)")
+            _check(self.soft_final_lambda >= 0, where, "soft_final_lambda", self.soft_final_lambda, "a number >= 0")
+        if self.structure == "heads_ffn":
+            _check(0 < self.step <= self.sparsity, where, "step", self.step, f"a number in (0, sparsity]")
+            steps = round(self.sparsity / self.step)
+            _check(math.isclose(steps * self.step, self.sparsity, abs_tol=1e-9), where, "sparsity", self.sparsity,
+                   f"a whole number of steps of {self.step} (heads_ffn prunes in steps)")
+            _check(self.retrain_epochs >= 1, where, "retrain_epochs", self.retrain_epochs, "an integer >= 1")
+            _check(self.min_heads_per_layer >= 1, where, "min_heads_per_layer", self.min_heads_per_layer,
+                   "an integer >= 1 (a layer without heads has no attention)")
+
+    def check_experiment(self, cfg: "ExperimentConfig", where: str = "student.prune") -> None:
+        """Refusals that need the rest of the experiment: the methods and the teacher's size."""
+        if "student_ft" in cfg.methods:
+            if "fic" in self.contrastive:
+                raise ConfigError(f"{where}.contrastive: fic needs the fine-tuned teacher, and method student_ft "
+                                  f"has none; drop fic or student_ft")
+            if self.init == "teacher":
+                raise ConfigError(f"{where}.init: teacher needs a trained teacher, and method student_ft has none")
+        sizes = cfg.teacher.sizes()
+        if sizes is not None:  # a checkpoint's: metakd.preflight, where its config is on this machine
+            self.check_heads(sizes[0], sizes[2], where)
+
+    def check_heads(self, layers: int, heads: int, where: str = "student.prune") -> None:
+        """heads_ffn: the heads the sparsity takes must leave min_heads_per_layer in every layer."""
+        if self.structure != "heads_ffn":
+            return
+        off = math.floor(self.sparsity * layers * heads + 1e-9)
+        most = layers * (heads - self.min_heads_per_layer)
+        _check(off <= most, where, "sparsity", self.sparsity,
+               f"at most {most / (layers * heads):.3g}: {off} of the teacher's {layers * heads} heads would go, "
+               f"but min_heads_per_layer {self.min_heads_per_layer} keeps {layers * self.min_heads_per_layer}")
+
+    def used(self) -> dict:
+        """The resolved fields this block's structure, criterion and base loss read (the student key)."""
+        skip = set(_PRUNE_ONLY["heads_ffn" if self.structure == "unstructured" else "unstructured"])
+        if self.criterion not in ("movement", "soft_movement"):
+            skip |= set(_PRUNE_ONLY["scores"])
+        if self.criterion != "soft_movement":
+            skip |= set(_PRUNE_ONLY["soft_movement"])
+        if self.base_loss != "cap":
+            skip |= set(_PRUNE_ONLY["cap"])
+        if not self.contrastive:
+            skip |= {"temperature", "w_unsup", "w_sup", "extra_negatives", "normalize"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    def label(self) -> str:
+        """e.g. 'movement 0.9 +prc+snc+fic', 'first_order 0.5' (no contrastive module)."""
+        cap = "+" + "+".join(self.contrastive) if self.contrastive else ""
+        return f"{self.criterion or PRUNE_DEFAULTS[self.structure]['criterion']} {self.sparsity:g} {cap}".strip()
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    """The student: a smaller encoder (preset, checkpoint or sizes), or a pruned copy of the teacher (prune)."""
+
+    prune: PruneConfig | None = _help("a pruned student (CAP) instead of a smaller architecture: the teacher's "
+                                      "shape with weights removed; none of preset, checkpoint, sizes or "
+                                      "init_from_teacher then", default=None)
+
+    def validate(self, where: str) -> None:
+        if self.prune is None:
+            super().validate(where)
+            return
+        _check_choice(self.pooling, ("cls", "mean"), where, "pooling")
+        given = {k: getattr(self, k) for k in ("preset", "checkpoint", "layers", "hidden", "heads", "intermediate",
+                                               "init_from_teacher") if getattr(self, k)}
+        if given:
+            name = next(iter(given))
+            raise ConfigError(f"{where}.{name}: a pruned student (student.prune) has the teacher's architecture; "
+                              f"drop {', '.join(given)}")
+        self.prune.validate(f"{where}.prune")
+
+    def label(self) -> str:
+        return f"pruned {self.prune.label()}" if self.prune is not None else super().label()
+
+    @property
+    def kind(self) -> str:
+        """Its row of ``metakd.methods.STUDENT_KINDS``."""
+        if self.prune is None:
+            return "dense"
+        return "pruned_cap" if self.prune.base_loss == "cap" else "pruned"
 
 
 @dataclass
@@ -252,8 +441,10 @@ class DistillConfig:
         "stage 1 / joint keep the teacher's mapped hidden states and attention maps of the target domain on "
         "the device in fp16 when they fit teacher_cache_gb (else they are recomputed every batch) | off: "
         "run the teacher on every batch", default="auto")
-    teacher_cache_gb: float = _help("teacher_cache auto: most device memory (GiB) the stage-1 hidden states and "
-                                    "attention maps may take (on CUDA also at most half of the free memory)",
+    teacher_cache_gb: float = _help("teacher_cache auto: most device memory (GiB) the teacher's outputs and the "
+                                    "stage-1 hidden states and attention maps may take together (on CUDA also at "
+                                    "most half of what is left of the worker's share of the GPU, "
+                                    "student_gpus_per_worker); what does not fit is recomputed every batch",
                                     default=8.0)
 
     def validate(self, where: str) -> None:
@@ -347,6 +538,89 @@ PARAM_ALIASES = {
 
 
 @dataclass
+class MLflowSettings:
+    tracking_uri: str | None = _help(
+        "MLflow tracking URI: a server (http://host:5000; credentials in MLFLOW_TRACKING_USERNAME / "
+        "MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN, never here) or sqlite:///path.db (None: "
+        "MLFLOW_TRACKING_URI, else sqlite:///<storage>/<name>/mlflow.db)", default=None)
+    experiment: str | None = _help("MLflow experiment (None: the sweep's name)", default=None)
+
+
+@dataclass
+class TensorBoardSettings:
+    dir: str | None = _help("where event files go, <dir>/<sweep>/<trial>/... (a path every node writes; "
+                            "None: <storage>/<name>/tensorboard)", default=None)
+
+
+@dataclass
+class WandbSettings:
+    project: str | None = _help("W&B project (None: WANDB_PROJECT, else metakd)", default=None)
+    mode: str = _help("online (needs WANDB_API_KEY or `wandb login` on every node) | offline (run directories "
+                      "under dir, uploaded later with `wandb sync`)", default="offline")
+    dir: str | None = _help("where run directories go, <dir>/wandb/ (None: <storage>/<name>)", default=None)
+
+    def validate(self, where: str) -> None:
+        _check_choice(self.mode, ("online", "offline"), where, "mode")
+
+
+@dataclass
+class TrackingConfig:
+    """The experiment trackers a sweep logs to (metakd/tracking.py: the table of trackers). In YAML a list
+    of names or {name: settings}, e.g. ``[mlflow, {tensorboard: {dir: /shared/tb}}]``; unset: none."""
+
+    mlflow: MLflowSettings | None = _help("MLflow: a run per trial, a nested run per training", default=None)
+    tensorboard: TensorBoardSettings | None = _help("TensorBoard event files per trial and per training", default=None)
+    wandb: WandbSettings | None = _help("Weights & Biases: a run per trial and per training", default=None)
+
+    def chosen(self) -> dict[str, Any]:
+        """name -> settings of every tracker asked for, in table order."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def validate(self, where: str) -> None:
+        for name, settings in self.chosen().items():
+            if hasattr(settings, "validate"):
+                settings.validate(f"{where}.{name}")
+
+
+def tracking_from_list(value: Any, where: str = "search.tracking") -> dict:
+    """The YAML list form of ``search.tracking`` (``[mlflow, {wandb: {mode: offline}}]``) as the mapping
+    :class:`TrackingConfig` reads; a mapping is returned as it is."""
+    if value is None or isinstance(value, dict):
+        return value or {}
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list of trackers ({', '.join(f.name for f in fields(TrackingConfig))}), "
+                          f"got {value!r}")
+    out: dict = {}
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            name, settings = item, {}
+        elif isinstance(item, dict) and len(item) == 1:
+            name, settings = next(iter(item.items()))
+            settings = settings or {}
+        else:
+            raise ConfigError(f"{where}[{i}]: expected a tracker name or {{name: settings}}, got {item!r}")
+        if name in out:
+            raise ConfigError(f"{where}[{i}]: {name!r} is listed twice")
+        out[name] = settings
+    return out
+
+
+def tracking_from_flag(text: str, current: TrackingConfig | None = None) -> TrackingConfig:
+    """``--tracking mlflow,tensorboard`` (or ``none``): these trackers instead of the YAML's, each with
+    the YAML's settings where it has them, else the defaults."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["none"]:
+        return TrackingConfig()
+    current = current or TrackingConfig()
+    raw = {n: dataclasses.asdict(getattr(current, n)) if getattr(current, n, None) is not None else {} for n in names}
+    if len(raw) != len(names):
+        raise ConfigError(f"--tracking: {text!r} names a tracker twice")
+    config = _build(TrackingConfig, raw, "--tracking")
+    config.validate("--tracking")
+    return config
+
+
+@dataclass
 class SearchConfig:
     params: dict[str, ParamSpec] = _help(
         f"searched parameters: a short name {sorted(PARAM_ALIASES)} or a dotted path "
@@ -355,16 +629,21 @@ class SearchConfig:
     sampler: str = _help("optuna sampler: tpe | random", default="tpe")
     metric: str = _help("dev_accuracy | test_accuracy, averaged over domains and seeds of the first method", default="dev_accuracy")
     mode: str = _help("max | min", default="max")
-    num_samples: int = _help("trials (optuna, random) or repeats of the grid (grid)", default=8)
+    num_samples: int | None = _help("trials (optuna, random; None: 8) or runs of every grid point (grid; None: 1, "
+                                    "each point once)", default=None)
     scheduler: SchedulerConfig | None = _help("optional ASHA early stopping of student trials", default=None)
     resources: ResourcesConfig = _help("Ray resources per trial", default_factory=ResourcesConfig)
     storage: str = _help("local path or pyarrow/fsspec URI (s3://, gs://) for teachers, data and results", default="runs/sweeps")
+    tracking: TrackingConfig = _help("experiment trackers: a list of mlflow, tensorboard, wandb, each a name or "
+                                     "{name: settings} (unset: none; --tracking overrides)", default_factory=TrackingConfig)
 
     def validate(self, where: str) -> None:
         _check_choice(self.algorithm, ("optuna", "grid", "random"), where, "algorithm")
         _check_choice(self.sampler, ("tpe", "random"), where, "sampler")
         _check_choice(self.metric, ("dev_accuracy", "test_accuracy"), where, "metric")
         _check_choice(self.mode, ("max", "min"), where, "mode")
+        if self.num_samples is None:  # a grid repeated 8 times would silently run every point 8 times
+            self.num_samples = 1 if self.algorithm == "grid" else 8
         _check(self.num_samples >= 1, where, "num_samples", self.num_samples, "an integer >= 1")
         _check(len(self.params) >= 1, where, "params", self.params, "at least one searched parameter")
         for name, spec in self.params.items():
@@ -373,6 +652,21 @@ class SearchConfig:
             self.scheduler.validate(f"{where}.scheduler")
         self.resources.validate(f"{where}.resources")
         _check(bool(self.storage), where, "storage", self.storage, "a path or URI")
+        self.storage = expand_user(self.storage)
+        self.tracking.validate(f"{where}.tracking")
+
+
+@dataclass
+class StudentsConfig:
+    """What each trained student leaves in the store beside its result (``students/<key>/``)."""
+
+    keep: str = _help(
+        "all: the student itself too (model.safetensors, model.json, the tokenizer of its data), published with "
+        "result.json, for metakd export / predict | none: result.json only (no disk per student; nothing to "
+        "export). Part of the student key: a run never reuses a student kept otherwise", default="all")
+
+    def validate(self, where: str) -> None:
+        _check_choice(self.keep, ("all", "none"), where, "keep")
 
 
 @dataclass
@@ -386,14 +680,15 @@ class ExperimentConfig:
     output_dir: str = _help("metakd run: where teachers, students and tables go", default="runs")
     data: DataConfig = _help("the multi-domain dataset", default_factory=DataConfig)
     teacher: TeacherConfig = _help("teacher model and its training", default_factory=lambda: TeacherConfig(preset="tiny-teacher"))
-    student: ModelConfig = _help("student model", default_factory=lambda: ModelConfig(preset="tiny-student"))
+    student: StudentConfig = _help("student model: a smaller encoder, or a pruned copy of the teacher (prune)",
+                                   default_factory=lambda: StudentConfig(preset="tiny-student"))
     meta_teacher: MetaTeacherConfig = _help("meta-teacher loss settings (section 1-2)", default_factory=MetaTeacherConfig)
     distill: DistillConfig = _help("meta-distillation settings (section 3-4)", default_factory=DistillConfig)
+    students: StudentsConfig = _help("what each trained student leaves in the store", default_factory=StudentsConfig)
     search: SearchConfig | None = _help("sweeps only: the search space and how to run it", default=None)
 
     def validate(self) -> "ExperimentConfig":
-        _check(bool(self.name) and all(c.isalnum() or c in "-_" for c in self.name),
-               "", "name", self.name, "letters, digits, '-' and '_'")
+        check_name(self.name)
         _check(len(self.methods) >= 1, "", "methods", self.methods, f"a non-empty list from {list(METHODS)}")
         for m in self.methods:
             if m not in METHODS:
@@ -401,7 +696,9 @@ class ExperimentConfig:
         _check(len(set(self.methods)) == len(self.methods), "", "methods", self.methods, "distinct methods")
         _check(len(self.seeds) >= 1 and all(isinstance(s, int) for s in self.seeds), "", "seeds", self.seeds,
                "a non-empty list of integers")
+        _check(len(set(self.seeds)) == len(self.seeds), "", "seeds", self.seeds, "distinct seeds (each runs once)")
         _check_choice(self.device, ("auto", "cpu", "cuda"), "", "device")
+        self.output_dir = expand_user(self.output_dir)
         _check_choice(self.precision, ("auto", "fp32", "bf16"), "", "precision")
         self.data.validate("data")
         self.teacher.validate("teacher")
@@ -410,7 +707,10 @@ class ExperimentConfig:
         self.student.validate("student")
         self.meta_teacher.validate("meta_teacher")
         self.distill.validate("distill")
+        self.students.validate("students")
         check_layer_mapping(self.teacher, self.student, self.distill.layer_map, "student")
+        if self.student.prune is not None:
+            self.student.prune.check_experiment(self)
         if self.student.init_from_teacher:
             t, s = self.teacher.sizes(), self.student.sizes()
             if t and s and t[1] != s[1]:
@@ -455,6 +755,18 @@ def check_layer_mapping(teacher: ModelConfig, student: ModelConfig, mode: str, w
 # ----------------------------------------------------------------------------- helpers
 
 
+def expand_user(path: str | None) -> str | None:
+    """``~/x`` -> ``/home/me/x``, once, in ``validate``: every reader (data, models, storage) gets the
+    expanded path. Expanded where the file is loaded (the sweep's driver), so ``~`` is that machine's."""
+    return os.path.expanduser(path) if isinstance(path, str) and path.startswith("~") else path
+
+
+def check_name(name: Any, where: str = "name") -> None:
+    """A sweep or experiment name is one path component under the storage root: no '/', no '..'."""
+    _check(isinstance(name, str) and bool(name) and all(c.isalnum() or c in "-_" for c in name),
+           "", where, name, "letters, digits, '-' and '_' (it names a directory under the storage root)")
+
+
 def _check(ok: bool, where: str, name: str, value: Any, allowed: str) -> None:
     if not ok:
         path = f"{where}.{name}" if where else name
@@ -494,6 +806,16 @@ def _validate_param(name: str, spec: ParamSpec, where: str, search: SearchConfig
         for b in ("low", "high"):
             _check(isinstance(getattr(spec, b), (int, float)), where, b, getattr(spec, b), f"a number for type {spec.type}")
         _check(spec.low < spec.high, where, "high", spec.high, f"a number above low ({spec.low})")
+        # the probes of _validate_candidates try low and high only; what is drawn between them must fit too
+        field_type = _field_type(path)
+        if spec.type != "int" and field_type is not float:
+            raise ConfigError(f"{where}.type: {spec.type!r} draws real numbers but {path} takes "
+                              f"{_type_name(field_type)}; use type: int for an integer field, choice otherwise")
+        if spec.type == "int":
+            _check(field_type in (int, float), where, "type", spec.type,
+                   f"choice: {path} takes {_type_name(field_type)}, not a number")
+            for b in ("low", "high"):
+                _check(float(getattr(spec, b)).is_integer(), where, b, getattr(spec, b), "an integer for type int")
         if spec.type == "loguniform":
             _check(spec.low > 0, where, "low", spec.low, "a number > 0 for loguniform")
         _check(spec.values is None, where, "values", spec.values, f"nothing for type {spec.type} (use low/high)")
@@ -510,10 +832,46 @@ def _validate_param(name: str, spec: ParamSpec, where: str, search: SearchConfig
         if search.algorithm == "grid":
             raise ConfigError(f"{where}.when: conditional parameters need algorithm optuna or random")
         _check(isinstance(spec.when, dict) and len(spec.when) == 1, where, "when", spec.when, "{param: value}")
-        (other,) = spec.when
+        ((other, wanted),) = spec.when.items()
         if other not in search.params or other == name:
             raise ConfigError(f"{where}.when: '{other}' is not another searched parameter "
                               f"(have {sorted(search.params)})")
+        chain, cur = [name], other
+        while cur in search.params and search.params[cur].when:  # a -> b -> a is never sampled
+            chain.append(cur)
+            if cur == name:
+                raise ConfigError(f"{where}.when: circular condition {' -> '.join(chain)}")
+            cur = next(iter(search.params[cur].when))
+            if cur in chain[1:]:
+                break  # a cycle that does not pass through this parameter: reported at its own members
+        target = search.params[other]
+        if target.type in ("choice", "grid"):
+            if wanted not in (target.values or []):
+                raise ConfigError(f"{where}.when: {other} = {wanted!r} is never drawn; {other} takes "
+                                  f"{target.values}, so {name} would never be sampled")
+        elif target.type == "int":
+            ok = isinstance(wanted, int) and not isinstance(wanted, bool) and target.low <= wanted <= target.high
+            _check(ok, f"{where}.when", other, wanted, f"an integer in [{target.low}, {target.high}]")
+        else:
+            raise ConfigError(f"{where}.when: {other} is drawn from a continuous range ({target.type}); "
+                              f"a condition on one exact value is never met: search {other} as choice")
+
+
+def _field_type(path: str) -> Any:
+    """The declared type of a dotted config field, Optional unwrapped (``student``: ModelConfig)."""
+    parent_path, _, last = path.rpartition(".")
+    parent = get_path(ExperimentConfig(), parent_path) if parent_path else ExperimentConfig()
+    tp = get_type_hints(type(parent))[last]
+    inner = [a for a in get_args(tp) if a is not type(None)]
+    return inner[0] if type(None) in get_args(tp) and len(inner) == 1 else tp
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            ModelConfig: "a model (a preset name, checkpoint or sizes)",
+            StudentConfig: "a student (a preset name, checkpoint, sizes or a prune block)"}.get(
+        tp, f"a {getattr(tp, '__name__', tp)}")
+
 
 def _validate_candidates(cfg: "ExperimentConfig") -> None:
     """Every searched candidate, applied to *this* sweep's config, must make a valid experiment."""
@@ -531,12 +889,26 @@ def _validate_candidates(cfg: "ExperimentConfig") -> None:
 
 
 def get_path(cfg: Any, path: str) -> Any:
+    """A dotted config field; an unset optional section (student.prune) reads as its defaults."""
     obj = cfg
     for part in path.split("."):
         if not dataclasses.is_dataclass(obj) or part not in {f.name for f in fields(obj)}:
             raise ConfigError(f"{path}: no such config field")
-        obj = getattr(obj, part)
+        obj = _section(obj, part, create=False)
     return obj
+
+
+def _section(obj: Any, name: str, create: bool) -> Any:
+    """``obj.name``; when it is None and typed as an optional dataclass, a default one (set on ``obj``
+    with ``create``), so that ``student.prune.sparsity`` is a path before a prune block exists."""
+    value = getattr(obj, name)
+    if value is None:
+        inner = [a for a in get_args(get_type_hints(type(obj))[name]) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            value = inner[0]()
+            if create:
+                setattr(obj, name, value)
+    return value
 
 
 def set_path(cfg: Any, path: str, value: Any) -> None:
@@ -544,7 +916,7 @@ def set_path(cfg: Any, path: str, value: Any) -> None:
     parts = path.split(".")
     obj = cfg
     for part in parts[:-1]:
-        obj = getattr(obj, part)
+        obj = _section(obj, part, create=True)
     last = parts[-1]
     if path == "student":
         cfg.student = _student_from_value(value, cfg.student)
@@ -555,14 +927,16 @@ def set_path(cfg: Any, path: str, value: Any) -> None:
     setattr(obj, last, _coerce(value, hints[last], path))
 
 
-def _student_from_value(value: Any, old: ModelConfig) -> ModelConfig:
+def _student_from_value(value: Any, old: ModelConfig) -> StudentConfig:
     if isinstance(value, str):
         if value in PRESETS:
-            return ModelConfig(preset=value, init_from_teacher=old.init_from_teacher)
-        return ModelConfig(checkpoint=value, init_from_teacher=old.init_from_teacher)
+            return StudentConfig(preset=value, init_from_teacher=old.init_from_teacher)
+        return StudentConfig(checkpoint=value, init_from_teacher=old.init_from_teacher)
     if isinstance(value, dict):
-        return _build(ModelConfig, {"init_from_teacher": old.init_from_teacher, **value}, "student")
-    raise ConfigError(f"student: {value!r} is not allowed; expected a preset name, checkpoint or a dict of sizes")
+        inherited = {} if "prune" in value else {"init_from_teacher": old.init_from_teacher}  # a pruned one copies nothing
+        return _build(StudentConfig, {**inherited, **value}, "student")
+    raise ConfigError(f"student: {value!r} is not allowed; expected a preset name, checkpoint, a dict of sizes or "
+                      f"{{prune: {{...}}}}")
 
 
 # ----------------------------------------------------------------------------- YAML -> dataclasses
@@ -604,15 +978,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        if not isinstance(value, (int, float)):
-            # YAML 1.1 reads "5e-5" as a string; accept numeric strings
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
-        if isinstance(value, float) and math.isnan(value):
-            raise ConfigError(f"{path}: expected a number, got NaN")
-        return float(value)
+        try:  # YAML 1.1 reads "5e-5" as a string; accept numeric strings
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # .inf, .nan and the strings "inf" / "nan" alike
+            raise ConfigError(f"{path}: {value!r} is not allowed; expected a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -634,13 +1006,17 @@ def _build(cls: type, raw: dict, path: str) -> Any:
 
 
 def _refuse_preset_typo(name: str, section: str) -> None:
-    """'tiny-teachr' would otherwise be tried as a hub id, and fail only after network retries."""
+    """'tiny-teachr' would otherwise be tried as a hub id, and fail only after network retries.
+
+    A typo is a name without '/' that is not a local path and is within two characters of a
+    preset's length and difflib-close (ratio >= 0.8) to it; 'roberta-base' is not 'bert-base'.
+    """
     if "/" in name or os.path.exists(os.path.expanduser(name)):
         return
-    close = difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.8)
+    close = [p for p in difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.8) if abs(len(p) - len(name)) <= 2]
     if close:
-        raise ConfigError(f"{section}: {name!r} is neither a preset nor a local path; did you mean the preset "
-                          f"{close[0]!r}? (presets: {', '.join(sorted(PRESETS))})")
+        raise ConfigError(f"{section}.checkpoint: {name!r} is neither a preset nor a local path; did you mean the "
+                          f"preset {close[0]!r}? (presets: {', '.join(sorted(PRESETS))})")
 
 
 _MODEL_SOURCE_KEYS = {"preset", "checkpoint", "layers", "hidden", "heads", "intermediate"}  # not pooling
@@ -654,28 +1030,70 @@ def from_dict(raw: dict, *, require_search: bool = False, source: str = "<dict>"
         value = raw.get(section)
         if isinstance(value, str):  # shorthand: teacher: bert-base
             raw[section] = {"preset": value} if value in PRESETS else {"checkpoint": value}
-        model = raw.get(section)
-        if isinstance(model, dict) and isinstance(model.get("checkpoint"), str):
-            _refuse_preset_typo(model["checkpoint"], section)
-        elif isinstance(value, dict) and not set(value) & _MODEL_SOURCE_KEYS:
+        if isinstance(value, dict) and not set(value) & (_MODEL_SOURCE_KEYS | {"prune"}):
             raw[section] = {"preset": default, **value}  # only training settings given
+    if isinstance(raw.get("search"), dict) and "tracking" in raw["search"]:
+        raw["search"]["tracking"] = tracking_from_list(raw["search"]["tracking"])
     cfg = _build(ExperimentConfig, raw, "")
     if require_search and cfg.search is None:
         raise ConfigError("search: missing; a sweep YAML needs a search section (see README)")
     return cfg.validate()
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # '<<: *base' then overriding a merged key is YAML's way to extend, not a duplicate
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)):
+            continue
+        line = key_node.start_mark.line + 1
+        if key in first:
+            raise ConfigError(f"line {line}: duplicate key {key!r} (first at line {first[key]}); "
+                              f"YAML would silently keep only the last one")
+        first[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
+    """The top-level mapping of a UTF-8 YAML file (a UTF-8 BOM is skipped); one-line ConfigErrors name the file.
+
+    Refused: UTF-16 (or any non-UTF-8) text, a duplicate key, a file whose top level is not a mapping.
+    """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: no such file")
-    with open(p) as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raise ConfigError(f"{p}: no such file" if not p.exists() else f"{p}: not a file")
+    data = p.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data[:4096]:
+        raise ConfigError(f"{p}: the file is UTF-16 (or another wide encoding); save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")  # a leading UTF-8 BOM (Windows editors) is dropped
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}: line {line}: byte 0x{data[e.start]:02x} is not UTF-8; "
+                          f"save the file as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}: {where}not valid YAML: {problem}") from None
     if raw is None:
         raise ConfigError(f"{p}: the file is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a YAML mapping at the top level (name:, data:, teacher:, ...), got "
+                          f"a {type(raw).__name__}: {str(raw)[:40]!r}")
     return raw
 
 

@@ -119,7 +119,10 @@ def trim_collate(batch: dict | list) -> dict[str, torch.Tensor]:
     used = mask.any(0).nonzero()
     length = int(used[-1]) + 1 if len(used) else 1
     if length < mask.shape[1]:
-        batch = {k: (v[:, :length] if k in SEQ_FIELDS else v) for k, v in batch.items()}
+        # contiguous copies, not strided views of the untrimmed rows: a strided tensor is made
+        # contiguous in pageable memory before it goes to the GPU, so its pinned copy would not
+        # overlap the transfer with computation
+        batch = {k: (v[:, :length].contiguous() if k in SEQ_FIELDS else v) for k, v in batch.items()}
     return batch
 
 

@@ -30,6 +30,7 @@ __all__ = [
 
 PROTOTYPE_MODES = ("class", "domain")
 TDA_TARGETS = ("uniform", "shuffled")
+TDA_WEIGHTINGS = ("none", "instance")
 PRED_DIVERGENCES = ("kl", "rkl", "js", "tvd")
 LAYER_MAP_MODES = ("exact", "round")
 
@@ -178,6 +179,11 @@ def tda_loss(
         perm = torch.randperm(N, generator=generator) (drawn on the generator's device).
     There is no gradient reversal: gradients flow into whatever produced domain_logits.
     """
+    return _tda_per_example(domain_logits, domains, target, generator).mean()
+
+
+def _tda_per_example(domain_logits, domains, target, generator) -> torch.Tensor:
+    """CE(g(x_i), target_i) of every example, [N] (the terms :func:`tda_loss` averages)."""
     if target not in TDA_TARGETS:
         raise ValueError(f"target must be one of {TDA_TARGETS}, got {target!r}")
     _check_ndim("domain_logits", domain_logits, 2, "[N, K]")
@@ -185,11 +191,11 @@ def tda_loss(
     _check_vector("domains", domains, n)
     log_q = F.log_softmax(_at_least_f32(domain_logits), dim=-1)
     if target == "uniform":
-        return -log_q.mean()  # mean over K then N == (1/N) sum_i (1/K) sum_k
+        return -log_q.mean(-1)
     # A CPU generator cannot draw on another device, so draw where the generator lives.
     device = generator.device if generator is not None else domains.device
     perm = torch.randperm(n, generator=generator, device=device).to(domains.device)
-    return F.nll_loss(log_q, domains[perm].long())
+    return F.nll_loss(log_q, domains[perm].long(), reduction="none")
 
 
 def meta_teacher_loss(
@@ -201,13 +207,19 @@ def meta_teacher_loss(
     gamma1: float,
     tda_target: str = "uniform",
     generator: torch.Generator | None = None,
+    tda_weighting: str = "none",
 ) -> torch.Tensor:
     """L_MT = (1/N) sum_i t_i * CE(f(x_i), y_i) + gamma1 * L_TDA (spec section 2). Scalar.
 
     logits [N, C], labels [N], scores (t_i; all ones for the no-weighting ablation) [N],
     domain_logits [N, K], domains [N]. With gamma1 == 0 the TDA term is skipped entirely
     (no randperm is drawn, and domain_logits/domains may be None).
+    tda_weighting="instance" (released code) scales the domain term by t_i as well:
+        L_MT = (1/N) sum_i t_i * (CE(f(x_i), y_i) + gamma1 * CE(g(x_i), target_i)),
+    target_i as in :func:`tda_loss` (the same permutation is drawn); equal to "none" when every t_i = 1.
     """
+    if tda_weighting not in TDA_WEIGHTINGS:
+        raise ValueError(f"tda_weighting must be one of {TDA_WEIGHTINGS}, got {tda_weighting!r}")
     _check_ndim("logits", logits, 2, "[N, C]")
     n = logits.shape[0]
     _check_vector("labels", labels, n)
@@ -215,14 +227,17 @@ def meta_teacher_loss(
     if gamma1 < 0:
         raise ValueError(f"gamma1 must be >= 0, got {gamma1}")
     ce = F.cross_entropy(_at_least_f32(logits), labels.long(), reduction="none")
-    loss = weighted_mean(ce, scores.to(ce.dtype))
+    t = scores.to(ce.dtype)
     if gamma1 == 0:
-        return loss
+        return weighted_mean(ce, t)
     if domain_logits is None or domains is None:
         raise ValueError("domain_logits and domains are required when gamma1 > 0")
     if domain_logits.dim() != 2 or domain_logits.shape[0] != n:
         raise _shape_error("domain_logits", f"[N, K] with N={n}", domain_logits)
-    return loss + gamma1 * tda_loss(domain_logits, domains, tda_target, generator)
+    tda = _tda_per_example(domain_logits, domains, tda_target, generator)
+    if tda_weighting == "instance":
+        return weighted_mean(ce + gamma1 * tda, t)
+    return weighted_mean(ce, t) + gamma1 * tda.mean()
 
 
 # ------------------------------------------------ 3-4. per-example distillation losses
@@ -308,11 +323,13 @@ def attention_mse(
 ) -> torch.Tensor:
     """Per-example MSE between attention maps over valid (query, key) pairs. -> [N].
 
-    student [N, Hs, S, S], teacher [N, Ht, S, S] (attention probabilities), attention_mask
-    [N, S]. A pair (q, k) is valid when both positions are non-padding:
+    student [N, Hs, S, S], teacher [N, Ht, S, S] (attention probabilities, or pre-softmax
+    scores QK^T/sqrt(d) with ``distill.attention: scores``), attention_mask [N, S]. A pair
+    (q, k) is valid when both positions are non-padding:
         L_i = sum_{h, (q,k) valid} (A_S - A_T)^2 / (H * n_valid_pairs_i).
     If Hs != Ht, each side is first averaged over its heads (H = 1 above), since there is
-    no head-to-head correspondence. An example with no valid pair gets 0.
+    no head-to-head correspondence. An example with no valid pair gets 0. Invalid pairs are
+    excluded, not multiplied by 0, so whatever they hold (a -inf mask term) cannot leak in.
     """
     _check_ndim("student", student, 4, "[N, Hs, S, S]")
     _check_ndim("teacher", teacher, 4, "[N, Ht, S, S]")
@@ -327,15 +344,19 @@ def attention_mse(
     a_s, a_t = _at_least_f32(student), _at_least_f32(teacher)
     if a_s.shape[1] != a_t.shape[1]:
         a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
-    mask = attention_mask.to(a_s.dtype)
-    pairs = mask[:, :, None] * mask[:, None, :]  # [N, S, S]
-    sq = (a_s - a_t).pow(2).sum(1)  # summed over heads: [N, S, S]
-    denom = (pairs.sum((1, 2)) * a_s.shape[1]).clamp_min(1.0)
-    return (sq * pairs).sum((1, 2)) / denom
+    valid = attention_mask.bool()
+    pairs = valid[:, :, None] & valid[:, None, :]  # [N, S, S]
+    sq = torch.where(pairs[:, None], a_s - a_t, 0.0).pow(2).sum(1)  # summed over heads: [N, S, S]
+    denom = (pairs.sum((1, 2)).to(a_s.dtype) * a_s.shape[1]).clamp_min(1.0)
+    return sq.sum((1, 2)) / denom
 
 
 def tkd_loss(student_repr: torch.Tensor, teacher_repr: torch.Tensor) -> torch.Tensor:
-    """L_TKD,i = mean_d (r_S(x_i) W_d - r_T(x_i))_d^2. [N, D] x2 (student already mapped by W_d) -> [N]."""
+    """L_TKD,i = mean_d (r_S(x_i) W_d - r_T(x_i))_d^2. [N, D] x2 (student already mapped by W_d) -> [N].
+
+    ``distill.tkd: pre_tanh_shared`` (released code) passes the pre-tanh representations, the
+    student's mapped by W_h; the caller then weights the batch by mean(lambda), not by lambda_i.
+    """
     _check_ndim("student_repr", student_repr, 2, "[N, D]")
     _check_same_shape("student_repr", student_repr, "teacher_repr", teacher_repr)
     return (_at_least_f32(student_repr) - _at_least_f32(teacher_repr)).pow(2).mean(-1)
@@ -381,3 +402,91 @@ def weighted_mean(per_example: torch.Tensor, weights: torch.Tensor) -> torch.Ten
     _check_ndim("per_example", per_example, 1, "[N]")
     _check_vector("weights", weights, per_example.shape[0])
     return (weights * per_example).mean()
+
+
+# ------------------------------------------------ CAP: contrastive pruning (cap-pruning spec)
+
+CAP_NORMALIZATIONS = ("released", "anchor_mean")
+__all__.append("cap_contrastive_loss")
+
+
+def cap_contrastive_loss(
+    anchors: torch.Tensor,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    temperature: float = 0.1,
+    w_unsup: float = 0.1,
+    w_sup: float = 10.0,
+    extra_negatives: int = 4096,
+    normalize: str = "released",
+    extra_rows: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One CAP contrastive module (PrC, SnC or FiC; cap-pruning spec §1.3): L_m = w_u L^u_m + w_s L^s_m. Scalar.
+
+    anchors [B, H]: the trained model's representations z_i (L2-normalised here); rows [B]: each
+    example's row in the bank; labels [B]; bank [N, R, H]: the module's memory, R vectors per
+    example (PrC, FiC: R = 1; SnC: one per snapshot), bank_labels [N].
+
+    Candidates C: sg(z_k) for every batch member k; bank[rows_k, r] for every k and r; bank[e, r]
+    for e in E, a uniform draw without replacement of |E| = min(floor(Q / R), N) rows
+    (Q = ``extra_negatives``; ``extra_rows`` gives E instead). Bank vectors are L2-normalised too.
+
+        s_ic = <z_i, c> / tau,     l_ic = s_ic - log sum_{c' != sg(z_i)} exp(s_ic')
+
+    (the anchor's own copy sg(z_i) is left out of the softmax and of every positive set).
+    P^u_i: the candidates with row rows_i (its R bank vectors, plus repeats drawn into E);
+    P^s_i: the candidates with label y_i.
+
+        released:    L = -[sum_i (1/|P_i|) sum_{c in P_i} l_ic] / sum_i |P_i|      (the authors' code)
+        anchor_mean: L = -(1/B) sum_i (1/|P_i|) sum_{c in P_i} l_ic                (multi-positive InfoNCE)
+
+    so released = anchor_mean / mean_i |P_i|; the released weights w_u, w_s (0.1, 10) assume it.
+    No gradient reaches the bank or the detached copies: z_i is trained only as the anchor.
+    """
+    if normalize not in CAP_NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {CAP_NORMALIZATIONS}, got {normalize!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if extra_negatives < 0:
+        raise ValueError(f"extra_negatives must be >= 0, got {extra_negatives}")
+    _check_ndim("anchors", anchors, 2, "[B, H]")
+    _check_ndim("bank", bank, 3, "[N, R, H]")
+    b, (n, r, h) = anchors.shape[0], bank.shape
+    if anchors.shape[1] != h:
+        raise ValueError(f"anchors [B, H] and bank [N, R, H] need the same H, got {anchors.shape[1]} and {h}")
+    _check_vector("rows", rows, b)
+    _check_vector("labels", labels, b)
+    _check_vector("bank_labels", bank_labels, n)
+    z = F.normalize(_at_least_f32(anchors), dim=-1)
+    rows, labels = rows.to(bank.device).long(), labels.to(bank.device).long()
+    if extra_rows is None:
+        # a CPU generator cannot draw on another device, so draw where the generator lives
+        device = generator.device if generator is not None else bank.device
+        extra_rows = torch.randperm(n, generator=generator, device=device)[:min(extra_negatives // r, n)]
+    extra_rows = extra_rows.to(bank.device).long()
+    banked = torch.cat([bank[rows].reshape(b * r, h), bank[extra_rows].reshape(-1, h)])
+    cand = torch.cat([z.detach(), F.normalize(_at_least_f32(banked.detach()), dim=-1).to(z.device)])
+    cand_rows = torch.cat([rows, rows.repeat_interleave(r), extra_rows.repeat_interleave(r)]).to(z.device)
+    cand_labels = torch.cat([labels, labels.repeat_interleave(r),
+                             bank_labels.to(bank.device).long()[extra_rows].repeat_interleave(r)]).to(z.device)
+    scores = z @ cand.T / temperature  # [B, C]
+    is_self = torch.zeros_like(scores, dtype=torch.bool)
+    is_self[:, :b] = torch.eye(b, dtype=torch.bool, device=z.device)
+    log_prob = scores - torch.logsumexp(scores.masked_fill(is_self, float("-inf")), dim=1, keepdim=True)
+
+    def term(positive: torch.Tensor) -> torch.Tensor:
+        positive = positive & ~is_self
+        count = positive.sum(1)
+        per_anchor = torch.where(positive, log_prob, 0.0).sum(1) / count.clamp_min(1)
+        denom = count.sum().clamp_min(1) if normalize == "released" else b
+        return -per_anchor.sum() / denom
+
+    loss = z.new_zeros(())
+    if w_unsup:
+        loss = loss + w_unsup * term(rows.to(z.device)[:, None] == cand_rows[None, :])
+    if w_sup:
+        loss = loss + w_sup * term(labels.to(z.device)[:, None] == cand_labels[None, :])
+    return loss

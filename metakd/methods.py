@@ -75,9 +75,10 @@ class Method:
     def teacher_kind(self) -> TeacherKind | None:
         return TEACHER_KINDS[self.teacher] if self.teacher else None
 
-    def student_distill(self, distill: dict) -> dict:
-        """The ``distill`` settings this method's student reads (what its student key hashes)."""
+    def student_distill(self, distill: dict, kind: "StudentKind | None" = None) -> dict:
+        """The ``distill`` settings this method's student (of ``kind``; default dense) reads (what its key hashes)."""
         drop = DISTILL_FIELDS if not self.distills else () if self.domain_expertise else DOMAIN_EXPERTISE_FIELDS
+        drop = (*drop, *(kind.ignores if kind is not None else ()))
         return {k: v for k, v in distill.items() if k not in drop}
 
 
@@ -101,3 +102,27 @@ def method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise KeyError(f"{name!r} is not a method; allowed: {', '.join(METHOD_NAMES)}") from None
+
+
+@dataclass(frozen=True)
+class StudentKind:
+    """What a student is. ``ignores``: the ``distill`` settings it never reads, left out of its key."""
+    name: str
+    label: str
+    ignores: tuple[str, ...] = ()
+
+
+# A pruned student (student.prune, the cap-pruning spec) trains one joint stage with its own epochs,
+# learning rate and weight decay; with base_loss cap it distils logits at its own temperature instead
+# of the method's L_KD, so it reads none of the L_KD settings either.
+_PRUNED_IGNORES = ("schedule", "stage1_epochs", "stage1_lr", "stage2_epochs", "stage2_lr", "stage1_schedule",
+                   "epochs", "lr", "weight_decay")
+_CAP_LOSS_IGNORES = (*_PRUNED_IGNORES, "gamma2", "temperature", "pred_loss", "attention", "pred_weighting", "tkd",
+                     "layer_map", "teacher_cache_gb")
+STUDENT_KINDS: dict[str, StudentKind] = {k.name: k for k in (
+    StudentKind("dense", "a smaller encoder, distilled (or fine-tuned)"),
+    StudentKind("pruned", "the teacher's architecture pruned (CAP), trained with the method's own L_KD",
+                _PRUNED_IGNORES),
+    StudentKind("pruned_cap", "the teacher's architecture pruned (CAP), trained with CAP's released CE + logit KD",
+                _CAP_LOSS_IGNORES),
+)}

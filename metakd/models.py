@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,10 @@ class Output:
     domain_repr: torch.Tensor  # r(x), [N, H]
     features: torch.Tensor  # mean_pool(H_last), [N, H]
     hidden_states: tuple | None = None  # (embeddings, layer 1..L), each [N, S, H]; None where not kept
-    attentions: tuple | None = None  # layer 1..L, each [N, heads, S, S]; None where not kept
+    # layer 1..L, each [N, heads, S, S]: probabilities, or pre-softmax scores (forward's ``attention``); None where
+    # not kept
+    attentions: tuple | None = None
+    domain_pre_tanh: torch.Tensor | None = None  # W_r (mean_pool(H_last) + e[d]) + b_r, r(x) before its tanh, [N, H]
 
 
 def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -96,6 +100,113 @@ def attention_maps(encoder: nn.Module):
             d.p = p
 
 
+ATTENTION_MODES = ("probs", "scores")
+_QK_NAMES = (("query", "key"), ("q", "k"), ("q_lin", "k_lin"))  # BERT/RoBERTa/ELECTRA, MPNet, DistilBERT
+
+
+def _query_key(layer: nn.Module, model: str) -> tuple[nn.Linear, nn.Linear, nn.Module]:
+    """(query projection, key projection, self-attention module) of one transformer layer."""
+    for m in layer.modules():
+        if type(m).__name__.endswith("SelfAttention"):
+            for q, k in _QK_NAMES:
+                if isinstance(getattr(m, q, None), nn.Linear) and isinstance(getattr(m, k, None), nn.Linear):
+                    return getattr(m, q), getattr(m, k), m
+    raise ConfigError(f"distill.attention: scores: cannot find the query/key projections of {model}'s "
+                      f"self-attention; use distill.attention: probs")
+
+
+@contextmanager
+def attention_scores(encoder: nn.Module, layers):
+    """Within: forward hooks record the query and key projections of ``layers`` (1..L). Yields
+    ``scores()`` -> {layer: [N, heads, S, S]}, to call after the forward:
+
+        A_g = Q_g K_g^T / sqrt(d_head)  (+ B for MPNet),
+
+    the pre-softmax attention logits without the padding mask term (the caller masks padded pairs).
+    B is MPNet's relative position bias [heads, S, S], shared by all layers and added to the logits
+    inside its attention, so it is part of what the softmax normalises and is included (its
+    ``relative_attention_bias`` embedding is hooked too). Other position schemes that act on the
+    logits are refused rather than silently left out.
+    """
+    cfg = encoder.config
+    model = type(encoder).__name__
+    if getattr(cfg, "position_embedding_type", "absolute") not in ("absolute", None):
+        raise ConfigError(f"distill.attention: scores: {model} uses position_embedding_type "
+                          f"{cfg.position_embedding_type!r}, whose logit terms are not reproduced; use probs")
+    blocks, heads = _layers(encoder), cfg.num_attention_heads
+    seen: dict = {}
+    handles, scale = [], {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen[name] = output
+        return hook
+
+    for g in sorted(set(layers)):
+        q, k, attn = _query_key(blocks[g - 1], model)
+        handles += [q.register_forward_hook(record((g, "q"))), k.register_forward_hook(record((g, "k")))]
+        scale[g] = (q.out_features // heads) ** -0.5
+    bias = getattr(getattr(encoder, "encoder", None), "relative_attention_bias", None)
+    if isinstance(bias, nn.Embedding):
+        handles.append(bias.register_forward_hook(record("bias")))
+
+    def scores() -> dict[int, torch.Tensor]:
+        out = {}
+        for g in scale:
+            n, s, _ = seen[(g, "q")].shape
+            q = seen[(g, "q")].view(n, s, heads, -1).transpose(1, 2)
+            k = seen[(g, "k")].view(n, s, heads, -1).transpose(1, 2)
+            out[g] = torch.matmul(q, k.transpose(-1, -2)) * scale[g]
+            if "bias" in seen:  # [S, S, heads] (bucketed relative positions) -> [1, heads, S, S]
+                out[g] = out[g] + seen["bias"].permute(2, 0, 1).unsqueeze(0)
+        return out
+
+    try:
+        yield scores
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def maps_of_layers(encoder: nn.Module, keep):
+    """Within: the self-attention of every layer outside ``keep`` (1..L) hands no attention map on,
+    so a forward with ``output_attentions`` holds the [N, heads, S, S] maps of the kept layers only,
+    not of all L (a teacher pass that feeds L_attn keeps its mapped layers'). The maps are still
+    computed (eager attention), and freed with the layer."""
+    def drop(module, inputs, output):
+        if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
+            return (output[0], None, *output[2:])
+        return None
+
+    handles = []
+    for i, block in enumerate(_layers(encoder), start=1):
+        if i not in keep:
+            for m in block.modules():
+                if type(m).__name__.endswith("SelfAttention"):
+                    # before the library's own output-capturing hooks, which then see no map
+                    handles.append(m.register_forward_hook(drop, prepend=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _maps_by_layer(maps: tuple, keep, num_layers: int) -> tuple:
+    """Layer 1..L -> its map (None outside ``keep``), from what the encoder returned under
+    :func:`maps_of_layers`: all L maps, the L with None for the dropped ones, or the kept ones alone."""
+    got = [a for a in maps if a is not None]
+    if len(got) == num_layers:
+        by_layer = dict(enumerate(got, start=1))
+    elif len(got) == len(set(keep)):
+        by_layer = dict(zip(sorted(set(keep)), got))
+    else:
+        raise RuntimeError(f"the encoder returned {len(got)} attention maps for {len(set(keep))} kept of "
+                           f"{num_layers} layers")
+    return tuple(by_layer[i] if i in keep else None for i in range(1, num_layers + 1))
+
+
 def _selects_hidden_states(encoder: nn.Module) -> bool:
     """Whether ``output_hidden_states`` may list indices (transformers 5 models with output capturing)."""
     return "hidden_states" in (getattr(type(encoder), "_can_record_outputs", None) or {})
@@ -131,20 +242,36 @@ class EncoderClassifier(nn.Module):
         return self.encoder.config.num_hidden_layers
 
     def forward(self, input_ids, attention_mask, domains, token_type_ids=None, output_states=False, layers=None,
-                **_) -> Output:
+                attention="probs", **_) -> Output:
         """``output_states``: also return hidden states and attention maps (eager attention, no dropout
         on the attention probabilities, see :func:`attention_maps`); ``layers`` (1..L, None: all) are
-        the layers whose states are kept, plus the embedding output. Otherwise the default attention
+        the layers whose states are kept, plus the embedding output. ``attention``: the maps are the
+        softmax probabilities (probs) or the pre-softmax scores (scores, :func:`attention_scores`),
+        set to 0 on every (query, key) pair with a padded position. Otherwise the default attention
         (SDPA) runs and no intermediate state is kept."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         hidden = attentions = None
         if output_states:
+            if attention not in ATTENTION_MODES:
+                raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
             keep = set(range(1, self.num_layers + 1) if layers is None else layers)
             wanted = sorted({0} | keep) if _selects_hidden_states(self.encoder) else True
-            with attention_maps(self.encoder):
-                out = self.encoder(**inputs, output_hidden_states=wanted, output_attentions=True, return_dict=True)
+            probs = attention == "probs"
+            with ExitStack() as stack:
+                stack.enter_context(attention_maps(self.encoder))
+                scores = None if probs else stack.enter_context(attention_scores(self.encoder, keep))
+                if probs:
+                    stack.enter_context(maps_of_layers(self.encoder, keep))
+                out = self.encoder(**inputs, output_hidden_states=wanted, output_attentions=probs, return_dict=True)
+                if probs:
+                    attentions = _maps_by_layer(out.attentions, keep, self.num_layers)
+                else:
+                    valid = attention_mask.bool()
+                    padded = ~(valid[:, None, :, None] & valid[:, None, None, :])  # [N, 1, S, S]
+                    got = scores()
+                    attentions = tuple(got[i].masked_fill(padded, 0.0) if i in keep else None
+                                       for i in range(1, self.num_layers + 1))
             hidden = tuple(h if i == 0 or i in keep else None for i, h in enumerate(out.hidden_states))
-            attentions = tuple(a if i in keep else None for i, a in enumerate(out.attentions, start=1))
         else:
             out = self.encoder(**inputs, return_dict=True)
         last = out.last_hidden_state
@@ -155,11 +282,14 @@ class EncoderClassifier(nn.Module):
             pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else last[:, 0]
         logits = self.classifier(self.dropout(pooled))
         if self.multitask:
-            logits = logits.view(-1, self.num_domains, self.num_labels)[torch.arange(len(domains)), domains]
-        domain_repr = torch.tanh(self.domain_proj(features + self.domain_embedding(domains)))
+            # the row index on the domains' device: a CPU arange beside CUDA domains costs a host sync
+            rows = torch.arange(len(domains), device=domains.device)
+            logits = logits.view(-1, self.num_domains, self.num_labels)[rows, domains]
+        pre_tanh = self.domain_proj(features + self.domain_embedding(domains))
+        domain_repr = torch.tanh(pre_tanh)
         return Output(
             logits=logits, domain_logits=self.domain_head(domain_repr), domain_repr=domain_repr, features=features,
-            hidden_states=hidden, attentions=attentions,
+            hidden_states=hidden, attentions=attentions, domain_pre_tanh=pre_tanh,
         )
 
     def num_parameters(self) -> int:
@@ -269,26 +399,49 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
 # ----------------------------------------------------------------------------- inference latency
 
 
-@torch.no_grad()
-def measure_latency(model: EncoderClassifier, batch: dict, batch_sizes=(1, 32), repeats: int = 5) -> dict[int, float]:
-    """Milliseconds per example of a forward pass, on the model's device, for each batch size.
+@dataclass
+class Latency:
+    """Milliseconds per example of an inference forward, per batch size, and how they were measured."""
 
+    ms_per_example: dict[int, float]  # the median timed pass / batch size
+    repeats: dict[int, int]  # timed passes per batch size
+    warmup: int  # untimed passes before them, per batch size
+
+
+@torch.no_grad()
+def measure_latency(model: EncoderClassifier, batch: dict, batch_sizes=(1, 32), autocast=nullcontext,
+                    warmup: int = 5, min_repeats: int = 5, min_seconds: float = 0.25,
+                    max_repeats: int = 200) -> Latency:
+    """Milliseconds per example of a forward pass in eval mode, on the model's device, for each batch size.
+
+    Every pass runs within ``autocast()`` (the precision the model trains and is evaluated in).
+    After ``warmup`` untimed passes (kernels chosen, memory pools filled), passes are timed one by
+    one until at least ``min_repeats`` passes and ``min_seconds`` have gone (at most ``max_repeats``);
+    the figure is the median pass, which a burst of other work on a shared device moves least.
     ``batch`` holds at least max(batch_sizes) examples... or fewer, then they are repeated.
     """
     model.eval()
     device = next(model.parameters()).device
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     n = len(batch["input_ids"])
-    out = {}
+    ms, repeats = {}, {}
     for bs in batch_sizes:
         idx = torch.arange(bs) % n
         inputs = {k: batch[k][idx].to(device) for k in ("input_ids", "attention_mask", "token_type_ids", "domains")}
-        model(**inputs)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            model(**inputs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out[bs] = (time.perf_counter() - start) * 1000 / (repeats * bs)
-    return out
+        with autocast():
+            for _ in range(warmup):
+                model(**inputs)
+            sync()
+            times, began = [], time.perf_counter()
+            while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - began < min_seconds):
+                start = time.perf_counter()
+                model(**inputs)
+                sync()
+                times.append(time.perf_counter() - start)
+        ms[bs] = statistics.median(times) * 1000 / bs
+        repeats[bs] = len(times)
+    return Latency(ms, repeats, warmup)

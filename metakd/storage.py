@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -52,25 +51,37 @@ class Store:
         return self.exists(f"{rel}/{MARKER}")
 
     def publish_dir(self, local_dir: str | os.PathLike, rel: str) -> None:
-        """Copy ``local_dir`` to ``<root>/<rel>`` and mark it complete; a no-op if already complete."""
+        """Copy ``local_dir`` to ``<root>/<rel>`` and mark it complete; a no-op if already complete.
+
+        Never deletes a complete artifact: when two writers publish the same ``rel``, the first
+        complete copy stays and the other is dropped. Raises ``OSError`` when the copy could not be
+        put in place (the caller must not mark its key done then).
+        """
         if self.is_complete(rel):
             return
-        if self.local_root is not None:
-            final = self.local_root / rel
-            final.parent.mkdir(parents=True, exist_ok=True)
-            staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-            shutil.copytree(local_dir, staging)
-            (staging / MARKER).write_text("ok\n")
-            if final.exists():  # an interrupted earlier write, never marked complete
-                shutil.rmtree(final, ignore_errors=True)
-            try:
-                os.replace(staging, final)
-            except OSError:  # another writer won the race with a complete copy
-                shutil.rmtree(staging, ignore_errors=True)
+        if self.local_root is None:  # each object is one atomic put; the marker goes last
+            pafs.copy_files(str(local_dir), self.path(rel), destination_filesystem=self.fs)
+            with self.fs.open_output_stream(self.path(f"{rel}/{MARKER}")) as f:
+                f.write(b"ok\n")
             return
-        pafs.copy_files(str(local_dir), self.path(rel), destination_filesystem=self.fs)
-        with self.fs.open_output_stream(self.path(f"{rel}/{MARKER}")) as f:
-            f.write(b"ok\n")
+        final = self.local_root / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        shutil.copytree(local_dir, staging)
+        (staging / MARKER).write_text("ok\n")
+        try:
+            for _ in range(3):  # an incomplete copy (a failed job's result.json) may reappear in between
+                _set_aside_incomplete(final)
+                try:
+                    os.replace(staging, final)  # fails when final is a non-empty directory
+                    return
+                except OSError as e:
+                    if (final / MARKER).exists():  # another writer published a complete copy first: keep it
+                        return
+                    error = e
+            raise OSError(f"could not publish {self.uri(rel)}: {error}") from error
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def fetch_dir(self, rel: str) -> str:
         """A local directory holding the complete artifact (downloaded once for object stores)."""
@@ -78,7 +89,9 @@ class Store:
             raise FileNotFoundError(f"{self.uri(rel)}: missing or incomplete (no {MARKER} marker)")
         if self.local_root is not None:
             return str(self.local_root / rel)
-        cache = Path(os.environ.get("METAKD_CACHE", Path(tempfile.gettempdir()) / "metakd-cache"))
+        # per user (a shared /tmp path could be pre-created, or filled, by another user)
+        cache = Path(os.environ.get("METAKD_CACHE") or Path.home() / ".cache" / "metakd").expanduser() / "store"
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
         local = cache / hashlib.sha256(self.uri(rel).encode()).hexdigest()[:16]
         if not (local / MARKER).exists():
             staging = Path(f"{local}.tmp-{uuid.uuid4().hex[:8]}")
@@ -108,3 +121,28 @@ class Store:
     def list_dirs(self, rel: str) -> list[str]:
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True)
         return sorted(i.base_name for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.Directory)
+
+
+def _set_aside_incomplete(final: Path) -> None:
+    """Remove ``final`` when it is an incomplete copy, never a complete one.
+
+    A check and then ``rmtree`` could remove a complete copy another writer renamed into place
+    in between. Instead the directory is first renamed aside (atomic), then looked at: a
+    complete copy caught this way is renamed back (unless yet another complete copy took its
+    place meanwhile, which then stands for it).
+    """
+    if not final.exists() or (final / MARKER).exists():
+        return
+    aside = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(final, aside)
+    except FileNotFoundError:  # another writer set it aside first
+        return
+    if (aside / MARKER).exists():
+        try:
+            os.replace(aside, final)
+            return
+        except OSError:
+            if not (final / MARKER).exists():
+                raise
+    shutil.rmtree(aside, ignore_errors=True)

@@ -40,18 +40,24 @@ def _teacher_and_copy(hidden_dropout: float, arch=BertConfig):
     return teacher.eval(), student.train()
 
 
+@pytest.mark.parametrize("mode", ["scores", "probs"])
 @pytest.mark.parametrize("arch", [BertConfig, MPNetConfig])  # SDPA-capable; eager-only (the MPNet teacher)
-def test_l_attn_is_exactly_zero_for_a_copy_of_the_teacher_in_train_mode(arch):
-    # hidden dropout 0 isolates the attention dropout, which alone made L_attn > 0 before
+def test_l_attn_is_exactly_zero_for_a_copy_of_the_teacher_in_train_mode(arch, mode):
+    # hidden dropout 0 isolates the attention dropout, which alone made L_attn > 0 before (in layer 2
+    # also for scores: a dropped-out layer 1 changes layer 2's input)
     teacher, student = _teacher_and_copy(hidden_dropout=0.0, arch=arch)
-    d = Distiller(teacher, student, from_dict({"distill": {"layer_map": "round"}}), meta=False, scores=None)
+    cfg = from_dict({"distill": {"layer_map": "round", "attention": mode}})
+    d = Distiller(teacher, student, cfg, meta=False, scores=None)
     assert d.layers == [1, 2]
     b = _batch()
     t = d._targets(b, True)
-    s_out = student(**b, output_states=True)
+    s_out = student(**b, output_states=True, attention=mode)
     for j, g in enumerate(d.layers):
         assert torch.equal(attention_mse(s_out.attentions[j], t.attentions[g - 1], b["attention_mask"]),
                            torch.zeros(6))
+        assert s_out.attentions[j].abs().sum() > 0  # not zero because nothing was compared
+    if mode == "scores":
+        return
     # the old way, HF's eager maps of the train-mode student, are dropped out: L_attn > 0
     student.encoder.set_attn_implementation("eager")
     dropped = student.encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
@@ -93,3 +99,22 @@ def test_only_the_mapped_layers_are_kept():
     for i in (0, 2, 4):
         assert torch.allclose(some.hidden_states[i], full.hidden_states[i], atol=1e-6)
     assert torch.allclose(some.attentions[3], full.attentions[3], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", [BertConfig, MPNetConfig])  # output capturing by hooks; maps returned by layers
+def test_a_maps_pass_over_some_layers_never_holds_the_other_layers_maps(arch):
+    torch.manual_seed(0)
+    cfg = arch(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
+    model = EncoderClassifier(AutoModel.from_config(cfg), 2, 2).eval()
+    b = _batch()
+    full = model(**b, output_states=True)
+    returned = []  # the maps the encoder itself hands back (what the pass holds until it ends)
+    forward = model.encoder.forward
+    model.encoder.forward = lambda *a, **k: returned.append(out := forward(*a, **k)) or out
+    some = model(**b, output_states=True, layers=[2, 4])
+    assert sum(a is not None for a in returned[0].attentions) == 2  # not 4
+    assert [a is not None for a in some.attentions] == [False, True, False, True]
+    for g in (2, 4):
+        assert torch.allclose(some.attentions[g - 1], full.attentions[g - 1], atol=1e-6)
+    del model.encoder.forward
+    assert all(a is not None for a in model(**b, output_states=True).attentions)  # the hooks are gone

@@ -196,22 +196,3 @@ def test_a_killed_train_worker_resumes_the_teacher_after_its_last_checkpoint(tmp
     assert [p["epoch"] for p in summary["curve"]] == list(range(1, 9))
     assert len(out["students"]) == 1  # and the run went on to its student
     assert len(_checkpoints(root)) <= 1  # num_to_keep: only the latest is kept
-
-
-def test_a_finished_fit_drops_checkpoints_train_never_registered(tmp_path):
-    """A worker killed between writing and reporting a checkpoint leaves an unregistered one behind."""
-    from types import SimpleNamespace
-
-    from metakd.jobs.ray_runner import drop_orphan_checkpoints
-
-    run_dir = tmp_path / "run-both-0"
-    for name in ("checkpoint_1", "checkpoint_2", "checkpoint_3"):
-        (run_dir / name).mkdir(parents=True)
-        (run_dir / name / "state.pt").write_bytes(b"x")
-    (run_dir / "result.json").write_text("{}")
-    kept = SimpleNamespace(path=str(run_dir / "checkpoint_2"))
-    dropped = drop_orphan_checkpoints(SimpleNamespace(path=str(run_dir), checkpoint=kept))
-    assert sorted(os.path.basename(p) for p in dropped) == ["checkpoint_1", "checkpoint_3"]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_2", "result.json"]
-    # a cloud storage path is not a local directory: nothing is touched
-    assert drop_orphan_checkpoints(SimpleNamespace(path="s3://bucket/run", checkpoint=None)) == []

@@ -31,8 +31,9 @@ def no_training(monkeypatch):
     def fail(*_a, **_k):
         raise AssertionError("training started")
 
-    monkeypatch.setattr("metakd.train.teacher.train_one_teacher", fail)
-    monkeypatch.setattr("metakd.train.student.train_student", fail)
+    # the names the per-worker functions call
+    monkeypatch.setattr("metakd.jobs.workers.train_one_teacher", fail)
+    monkeypatch.setattr("metakd.jobs.workers.train_student", fail)
 
 
 # ----------------------------------------------------------------------------- validate
@@ -55,7 +56,7 @@ def test_validate_bad_file_names_the_field(tmp_path, capsys):
     assert main(["validate", str(p)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith("error: ") and "distill.gama2: unknown key" in captured.err
+    assert captured.err.startswith("metakd: error: ") and "distill.gama2: unknown key" in captured.err
 
 
 def test_validate_checks_an_experiment_file_without_search(tmp_path, capsys):
@@ -94,7 +95,7 @@ BAD_RUNS = {
     "missing_amazon_dir": (lambda tmp: {"data": {"source": "amazon", "path": str(tmp / "no_reviews")}},
                            ["data.path", "no_reviews"]),
     "label_out_of_range": (lambda tmp: {"data": {"source": "files", "path": _labels_file(tmp), "num_labels": 2}},
-                           ["label 5", "outside [0, 2)", "row 7", "rows.jsonl"]),
+                           ["label 5", "outside [0, 2)", "line 8", "rows.jsonl"]),
 }
 
 
@@ -106,7 +107,7 @@ def test_run_refuses_bad_input_before_training(case, tmp_path, capsys, no_traini
     out_dir = tmp_path / "out"
     assert main(["run", str(_yaml(tmp_path, raw)), "--output-dir", str(out_dir)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ")
+    assert err.startswith("metakd: error: ")
     for f in fragments:
         assert f in err, (f, err)
     assert not (out_dir / "bad" / "teachers").exists() and not (out_dir / "bad" / "results").exists()
@@ -135,5 +136,5 @@ def test_run_prints_the_table_and_writes_results(tmp_path, capsys):
         assert len(cells) == 3 and all(0 <= c <= 100 for c in cells)
         assert cells[2] == pytest.approx((cells[0] + cells[1]) / 2, abs=0.011)
     assert "4 students, 1 teachers trained" in out
-    df = pd.read_parquet(tmp_path / "runs" / "cli_tiny" / "results" / "run.parquet")
+    df = pd.read_parquet(tmp_path / "runs" / "cli_tiny" / "results")  # one part: one configuration, one seed
     assert len(df) == 2 * 2 * 2 and set(df["method"]) == {"metakd", "student_ft"}

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,8 @@ DOCKERFILE = CLUSTER / "Dockerfile"
 RAYCLUSTER = CLUSTER / "kuberay" / "raycluster.yaml"
 RAYJOB = CLUSTER / "kuberay" / "rayjob.yaml"
 SERVICEACCOUNT = CLUSTER / "kuberay" / "serviceaccount.yaml"
+NETWORKPOLICY = CLUSTER / "kuberay" / "networkpolicy.yaml"
+AWS_IAM = CLUSTER / "aws_iam.sh"
 
 CLUSTER_YAMLS = sorted(CLUSTER.rglob("*.yaml"))
 LOOPBACK = {"127.0.0.1", "localhost"}
@@ -165,6 +170,7 @@ def test_cluster_directory_has_every_config():
         "kuberay/raycluster.yaml",
         "kuberay/rayjob.yaml",
         "kuberay/serviceaccount.yaml",
+        "kuberay/networkpolicy.yaml",
     }
     assert expected <= names
 
@@ -486,3 +492,97 @@ def test_docs_kubectl_names_match_the_kuberay_objects():
     assert secrets and all(f"kubectl get secret {cluster_name} " in c for c in secrets)
     assert f"kubectl get rayjob {job_name}" in commands
     assert f"kubectl logs -f job/{job_name}" in commands
+
+
+# --------------------------------------------------------------------------- least privilege
+
+
+def _run_aws_iam(tmp_path: Path, *args: str) -> list[list[str]]:
+    """Run cluster/aws_iam.sh against a fake `aws` that records its calls (no AWS account needed)."""
+    log = tmp_path / "calls.jsonl"
+    fake = tmp_path / "bin" / "aws"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!{sys.executable}
+import json, sys
+with open({str(log)!r}, "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if sys.argv[1:3] == ["sts", "get-caller-identity"]:
+    print("123456789012")
+elif sys.argv[2:3] in (["get-role"], ["get-instance-profile"]):
+    sys.exit(254)  # not there yet: the script creates it
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", str(AWS_IAM), *args], check=True, env=env, capture_output=True, timeout=60)
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _policy(calls: list[list[str]], role: str, name: str) -> dict:
+    for call in calls:
+        if call[:2] == ["iam", "put-role-policy"] and option(call, "--role-name") == role \
+                and option(call, "--policy-name") == name:
+            return json.loads(option(call, "--policy-document"))
+    raise AssertionError(f"no policy {name} put on {role}")
+
+
+def _actions(statement: dict) -> list[str]:
+    action = statement["Action"]
+    return [action] if isinstance(action, str) else action
+
+
+def test_head_role_gets_what_the_autoscaler_needs_and_no_ec2_full_access(tmp_path):
+    launcher = load(LAUNCHER)
+    region, cluster = launcher["provider"]["region"], launcher["cluster_name"]
+    calls = _run_aws_iam(tmp_path, "my-bucket", region)
+    attached = [option(c, "--policy-arn") for c in calls if c[:2] == ["iam", "attach-role-policy"]]
+    assert not attached, f"managed policies attached: {attached}"
+    head = _policy(calls, "metakd-ray-head", "metakd-launch-workers")["Statement"]
+    actions = {a for st in head for a in _actions(st)}
+    assert not any("*" in a for a in actions), "wildcard actions"
+    needed = {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:DescribeInstances", "ec2:CreateTags",
+              "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups", "ec2:DescribeImages", "ec2:DescribeKeyPairs",
+              "iam:PassRole"}
+    assert needed <= actions, needed - actions
+    for st in head:
+        assert st["Effect"] == "Allow"
+        acts = set(_actions(st))
+        resources = [st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"]
+        if acts & {"ec2:TerminateInstances", "ec2:StartInstances", "ec2:StopInstances"}:
+            # only this cluster's instances, by the tag Ray puts on every node it launches
+            assert st["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == cluster
+        if "ec2:RunInstances" in acts and any(":instance/" in r for r in resources):
+            assert st["Condition"]["StringEquals"]["aws:RequestTag/ray-cluster-name"] == cluster
+        if "ec2:RunInstances" in acts:
+            assert all(f":{region}:" in r for r in resources) and "*" not in resources
+        if "iam:PassRole" in acts:
+            assert resources == ["arn:aws:iam::123456789012:role/metakd-ray-worker"]
+        if not all(a.startswith("ec2:Describe") for a in acts):
+            assert resources != ["*"], st
+    for role in ("metakd-ray-head", "metakd-ray-worker"):
+        s3 = _policy(calls, role, "metakd-results-bucket")["Statement"]
+        resources = {r for st in s3 for r in ([st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"])}
+        assert resources == {"arn:aws:s3:::my-bucket", "arn:aws:s3:::my-bucket/*"}
+
+
+def test_networkpolicy_admits_the_job_api_only_from_the_operator_and_submitters():
+    policy = load(NETWORKPOLICY)
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
+    rules = policy["spec"]["ingress"]
+    assert all(rule.get("from") for rule in rules), "a rule without 'from' admits every source"
+    for rule in rules:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        peers = rule["from"]
+        if not ports:  # every port: only the Ray pods of this namespace
+            assert peers == [{"podSelector": {"matchExpressions": [{"key": "ray.io/node-type", "operator": "Exists"}]}}]
+            continue
+        assert ports == {8265}
+        operator = [p for p in peers if "namespaceSelector" in p]
+        assert operator and all(p["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+                                for p in operator)
+        namespaces = {p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in operator}
+        assert all(f"--namespace {ns}" in README.read_text() for ns in namespaces), "operator installed elsewhere"
+        jobs = {p["podSelector"]["matchLabels"].get("batch.kubernetes.io/job-name") for p in peers}
+        assert load(RAYJOB)["metadata"]["name"] in jobs
+        assert all(p.get("podSelector", {}).get("matchLabels") for p in peers), "an empty selector admits all"
+    assert "kubectl apply -f cluster/kuberay/networkpolicy.yaml" in doc_commands()

@@ -13,7 +13,7 @@ from metakd.config import (
     ConfigError,
     DistillConfig,
     ExperimentConfig,
-    ModelConfig,
+    StudentConfig,
     content_hash,
     field_docs,
     from_dict,
@@ -219,7 +219,7 @@ def test_set_path_sets_dotted_fields_and_student_values():
     set_path(cfg, "distill.gamma2", "0.25")
     assert cfg.distill.gamma2 == 0.25
     set_path(cfg, "student", "bert-tiny")
-    assert cfg.student == ModelConfig(preset="bert-tiny")
+    assert cfg.student == StudentConfig(preset="bert-tiny")
     set_path(cfg, "student", {"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32})
     assert cfg.student.sizes() == (1, 16, 2, 32)
     with pytest.raises(ConfigError, match="distill.gama2: no such config field"):
@@ -381,7 +381,22 @@ def test_field_docs_cover_every_nested_field_with_help():
 def test_mistyped_preset_is_refused_not_tried_as_a_hub_id():
     with pytest.raises(ConfigError, match="did you mean the preset 'tiny-teacher'"):
         from_dict({"teacher": "tiny-teachr"})
-    with pytest.raises(ConfigError, match="student: 'bert-mnii'"):
+    with pytest.raises(ConfigError, match="student.checkpoint: 'bert-mnii'"):
         from_dict({"student": {"checkpoint": "bert-mnii"}})
     # a real hub id (no preset close to it) stays a checkpoint
     assert from_dict({"teacher": {"checkpoint": "bert-base-uncased", "epochs": 1}}).teacher.checkpoint == "bert-base-uncased"
+
+
+def test_student_workers_share_jobs_unless_student_ddp_makes_them_ranks_of_one_student():
+    def sweep(**resources):
+        return from_dict({"distill": {"batch_size": 16}, "search": {
+            "algorithm": "grid", "params": {"gamma2": {"type": "grid", "values": [0.5]}}, "resources": resources}})
+
+    # independent workers: each takes the whole batch of its own job, any GPU fraction
+    cfg = sweep(student_workers=3, student_gpus_per_worker=0.25, gpus_per_worker=1)
+    assert cfg.search.resources.student_gpus() == 0.25 and not cfg.search.resources.student_ddp
+    with pytest.raises(ConfigError, match=r"distill\.batch_size: 16 .*student_workers \(3\)"):
+        sweep(student_workers=3, student_ddp=True)  # DDP ranks split the global batch
+    with pytest.raises(ConfigError, match=r"search\.resources\.student_gpus_per_worker: 0\.25 is fractional"):
+        sweep(student_workers=2, student_gpus_per_worker=0.25, student_ddp=True)
+    sweep(student_workers=2, student_ddp=True)  # 16 splits over 2 ranks

@@ -20,7 +20,6 @@ import pytest
 
 from metakd.report import analysis, results
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 MARKER = "<!-- recipe:job-submit -->"
@@ -65,6 +64,7 @@ def test_readme_recipe_has_the_token_step_before_ray_start():
     assert lines[-1] == "ray stop"
 
 
+@pytest.mark.slow
 def test_readme_job_submit_recipe_on_a_fresh_home(tmp_path):
     home = tmp_path / "home"
     home.mkdir()

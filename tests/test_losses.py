@@ -281,6 +281,29 @@ def test_meta_teacher_errors():
         L.meta_teacher_loss(logits, labels, scores, None, None, 0.5)
     with pytest.raises(ValueError, match="target"):
         L.meta_teacher_loss(logits, labels, scores, dlog, domains, 0.5, tda_target="x")
+    with pytest.raises(ValueError, match="tda_weighting"):
+        L.meta_teacher_loss(logits, labels, scores, dlog, domains, 0.5, tda_weighting="batch")
+
+
+def test_meta_teacher_instance_tda_weighting_by_hand():
+    """tda_weighting instance (released code): mean_i t_i (CE_i + gamma1 CE(g_i, target_i))."""
+    logits, labels, scores, dlog, domains = _mt_batch()
+    t, ce, logq = _np(scores), ref_ce(logits, labels), np.log(np.stack([_softmax(r) for r in _np(dlog)]))
+    got = L.meta_teacher_loss(logits, labels, scores, dlog, domains, 0.5, tda_weighting="instance")
+    assert got.item() == pytest.approx(np.mean(t * (ce + 0.5 * -logq.mean(1))), rel=1e-12)
+    perm = torch.randperm(5, generator=torch.Generator().manual_seed(1)).numpy()
+    shuffled_ce = -logq[np.arange(5), domains.numpy()[perm]]
+    got_s = L.meta_teacher_loss(logits, labels, scores, dlog, domains, 0.5, "shuffled",
+                                torch.Generator().manual_seed(1), tda_weighting="instance")
+    assert got_s.item() == pytest.approx(np.mean(t * (ce + 0.5 * shuffled_ce)), rel=1e-12)
+    none_s = L.meta_teacher_loss(logits, labels, scores, dlog, domains, 0.5, "shuffled",
+                                 torch.Generator().manual_seed(1))
+    assert none_s.item() == pytest.approx(np.mean(t * ce) + 0.5 * np.mean(shuffled_ce), rel=1e-12)
+    assert abs(got_s.item() - none_s.item()) > 1e-3  # the scores weight the domain term too
+    # with every t_i = 1 the two forms are the same loss
+    ones = torch.ones(5, dtype=DT)
+    assert L.meta_teacher_loss(logits, labels, ones, dlog, domains, 0.5, tda_weighting="instance").item() == \
+        pytest.approx(L.meta_teacher_loss(logits, labels, ones, dlog, domains, 0.5).item(), rel=1e-12)
 
 
 # ------------------------------------------------------------------ prediction layer
@@ -418,6 +441,19 @@ def test_attention_mse_head_average_hand_value():
     a_s = torch.stack([torch.ones(2, 2), torch.zeros(2, 2)])[None].double()
     a_t = torch.zeros(1, 1, 2, 2, dtype=DT)
     assert L.attention_mse(a_s, a_t, torch.ones(1, 2)).item() == pytest.approx(0.25)
+
+
+def test_attention_mse_of_scores_ignores_whatever_padded_pairs_hold():
+    # pre-softmax scores with HF's additive mask term: -inf / finfo.min on padded keys must not leak
+    g = torch.Generator().manual_seed(2)
+    a_s, a_t = torch.randn(2, 3, 4, 4, generator=g, dtype=DT) * 5, torch.randn(2, 3, 4, 4, generator=g, dtype=DT) * 5
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    masked_s, masked_t = a_s.clone(), a_t.clone()
+    masked_s[0, :, :, 3], masked_t[0, :, :, 3] = -math.inf, torch.finfo(DT).min
+    got = L.attention_mse(masked_s, masked_t, mask)
+    exp0 = float(((a_s[0, :, :3, :3] - a_t[0, :, :3, :3]) ** 2).sum()) / (3 * 9)
+    exp1 = float(((a_s[1] - a_t[1]) ** 2).sum()) / (3 * 16)
+    assert got.tolist() == pytest.approx([exp0, exp1], rel=1e-12)
 
 
 def test_attention_mse_shape_errors():

@@ -111,6 +111,41 @@ def test_multitask_logits_come_from_the_examples_domain_head():
     assert not torch.allclose(other, out.logits)
 
 
+class _CrossDeviceIndexing(torch.overrides.TorchFunctionMode):
+    """Records every ``tensor[index]`` whose index tensor sits on another device than the tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            self.seen += [(args[0].device, i.device) for i in index
+                          if isinstance(i, torch.Tensor) and i.device != args[0].device]
+        return func(*args, **(kwargs or {}))
+
+
+def test_multitask_head_index_is_built_on_the_domains_device():
+    # a stub encoder lets the heads run on the meta device (no data), standing in for CUDA: an index
+    # built on the CPU beside domains on another device is a host sync per step there
+    class Encoder(torch.nn.Module):
+        config = type("Config", (), {"hidden_size": 8, "hidden_dropout_prob": 0.0})()
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None, return_dict=True):
+            n, s = input_ids.shape
+            states = torch.zeros(n, s, 8, device=input_ids.device)
+            return type("Out", (), {"last_hidden_state": states, "pooler_output": states[:, 0]})()
+
+    model = EncoderClassifier(Encoder(), 2, 3, multitask=True).to("meta")
+    ids = torch.zeros(4, 5, dtype=torch.long, device="meta")
+    with _CrossDeviceIndexing() as mode:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                    domains=torch.zeros(4, dtype=torch.long, device="meta"))
+    assert out.logits.shape == (4, 2) and out.logits.device.type == "meta"
+    assert mode.seen == []
+
+
 def test_single_task_logits_do_not_depend_on_the_domain():
     model = _teacher().eval()
     b = _batch()
@@ -239,7 +274,20 @@ def test_missing_checkpoint_is_an_error(tmp_path):
 def test_measure_latency_positive_for_each_batch_size():
     model = build_student(ModelConfig(preset="tiny-student-1l"), _teacher(), VOCAB, SEQ)
     model.train()
-    lat = measure_latency(model, _batch(n=3), batch_sizes=(1, 32), repeats=1)
-    assert set(lat) == {1, 32}
-    assert all(isinstance(v, float) and v > 0 for v in lat.values())
+    lat = measure_latency(model, _batch(n=3), batch_sizes=(1, 32), warmup=1, min_repeats=3, min_seconds=0.0)
+    assert set(lat.ms_per_example) == {1, 32} and lat.repeats == {1: 3, 32: 3} and lat.warmup == 1
+    assert all(isinstance(v, float) and v > 0 for v in lat.ms_per_example.values())
     assert not model.training  # measured in eval mode
+
+
+def test_measure_latency_runs_every_pass_in_the_given_precision_and_counts_them():
+    model = build_student(ModelConfig(preset="tiny-student-1l"), _teacher(), VOCAB, SEQ)
+    dtypes = []
+    model.classifier.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    lat = measure_latency(model, _batch(n=3), batch_sizes=(2,), warmup=2, min_repeats=4, min_seconds=0.0,
+                          autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert dtypes == [torch.bfloat16] * (2 + 4) and lat.repeats == {2: 4}
+    # timed passes go on until min_seconds have passed, up to max_repeats
+    lat = measure_latency(model, _batch(n=3), batch_sizes=(1,), warmup=0, min_repeats=1, min_seconds=60.0,
+                          max_repeats=7)
+    assert lat.repeats == {1: 7}

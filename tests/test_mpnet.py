@@ -11,7 +11,8 @@ import torch
 
 from metakd import pretrained
 from metakd.config import ModelConfig, from_dict
-from metakd.data import TextSplit, build_tokenizer, encode, make_loader
+from metakd.data import TextSplit, build_tokenizer, encode
+from metakd.loader import make_loader
 from metakd.losses import layer_map
 from metakd.models import build_student, build_teacher
 
@@ -113,6 +114,7 @@ def test_mpnet_tokenisation_of_singles_and_pairs(mpnet):
     assert enc.token_type_ids.abs().sum() == 0
 
 
+@pytest.mark.slow
 @needs_mpnet
 def test_mpnet_teacher_student_init_and_one_distillation_step(mpnet):
     from metakd.train.student import Distiller

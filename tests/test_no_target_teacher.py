@@ -39,7 +39,7 @@ def test_unseen_domains_get_the_mean_of_the_trained_rows_and_nothing_else_change
 
 def test_no_target_teachers_r_for_the_target_uses_the_mean_trained_embedding(tmp_path):
     cfg = from_dict(CFG)
-    prepared = prepare(cfg.data, 0, None, cache_dir=str(tmp_path / "data"), vocab_size=cfg.data.vocab_size)
+    prepared = prepare(cfg.data, 0, None, cache_dir=str(tmp_path / "data"))
     assert prepared.data.domains == ["alpha", "beta", "gamma"]
     spec = teacher_spec(cfg, "metakd_no_target", "alpha", 0)
     torch.manual_seed(0)  # the teacher's initial e[alpha], to tell it apart from the saved one

@@ -58,6 +58,15 @@ def test_trim_collate_cuts_to_the_longest_sequence_and_keeps_the_rest():
     assert all(torch.equal(listed[f], cut[f]) for f in cut)
 
 
+def test_loader_batches_are_contiguous_so_pinned_copies_can_overlap():
+    split = ragged_split()
+    for trim in (True, False):
+        batches = list(make_loader(split, 8, True, seed=1, trim=trim))
+        assert any(b["input_ids"].shape[1] < MAX_LEN for b in batches) == trim  # trimmed batches were cut
+        for b in batches:
+            assert all(v.is_contiguous() for v in b.values()), {k: v.stride() for k, v in b.items()}
+
+
 def test_trimmed_batches_give_the_same_outputs_and_losses_as_fixed_padding():
     split = ragged_split()
     model = tiny_model().eval()

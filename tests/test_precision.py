@@ -111,3 +111,104 @@ def test_teacher_loss_is_fp32_under_bf16_and_agrees(models):
             losses[p] = step(teacher, batch)
     assert losses["bf16"].dtype == torch.float32
     assert float(losses["bf16"]) == pytest.approx(float(losses["fp32"]), rel=LOSS_RTOL)
+
+
+# ----------------------------------------------------------------------------- keys on the resolved precision
+
+
+def test_planned_resolves_auto_from_the_configured_device_and_the_workers_gpus():
+    assert precision.planned("auto", "auto", gpus=0) == "fp32"  # CPU workers
+    assert precision.planned("auto", "auto", gpus=0.25) == "bf16"  # GPU workers, whatever the planning machine has
+    assert precision.planned("auto", "cuda", gpus=0) == "bf16"
+    assert precision.planned("auto", "cpu", gpus=1) == "fp32"  # device: cpu keeps GPU workers on the CPU
+    assert precision.planned("fp32", "auto", gpus=1) == "fp32" and precision.planned("bf16", "cpu", gpus=0) == "bf16"
+    expected = "bf16" if torch.cuda.is_available() else "fp32"
+    assert precision.planned("auto", "auto") == expected  # gpus None: the worker is this process
+    with pytest.raises(ValueError, match="precision"):
+        precision.planned("fp16", "auto", 0)
+
+
+def test_no_artifact_trained_in_fp32_is_reused_by_a_bf16_configuration():
+    """Teachers, their outputs (stored in the teacher's directory), students and prototype features
+    are keyed on the resolved precision: a CPU (fp32) plan and a GPU (bf16) plan of the same
+    ``precision: auto`` YAML share nothing; auto on GPUs shares everything with an explicit bf16."""
+    from dataclasses import replace
+
+    from metakd.jobs.experiment import plan
+    from metakd.train.features import features_key
+
+    def keys(raw, teacher_gpus, student_gpus):
+        cfg = from_dict({"methods": ["metakd", "kd_single", "student_ft"], **raw})
+        specs, jobs = plan(cfg, ["a", "b"], teacher_gpus, student_gpus)
+        # what a teacher worker keys the prototype features by: its config at the spec's precision
+        features = {features_key(replace(cfg, precision=s.precision), s.seed, "data", "cpu") for s in specs}
+        return specs, jobs, features
+
+    cpu_specs, cpu_jobs, cpu_features = keys({}, 0, 0)
+    gpu_specs, gpu_jobs, gpu_features = keys({}, 1, 0.25)
+    assert {s.precision for s in cpu_specs} == {j.precision for j in cpu_jobs} == {"fp32"}
+    assert {s.precision for s in gpu_specs} == {j.precision for j in gpu_jobs} == {"bf16"}
+    assert not {s.key for s in cpu_specs} & {s.key for s in gpu_specs}  # teachers, and their outputs.safetensors
+    assert not {s.rel for s in cpu_specs} & {s.rel for s in gpu_specs}
+    assert not {j.key for j in cpu_jobs} & {j.key for j in gpu_jobs}  # students (student_ft too)
+    assert not cpu_features & gpu_features
+    # auto on GPU workers is bf16, on CPU workers fp32: the same artifacts as saying so
+    bf16_specs, bf16_jobs, bf16_features = keys({"precision": "bf16"}, 0, 0)
+    assert [s.key for s in bf16_specs] == [s.key for s in gpu_specs] and bf16_features == gpu_features
+    assert [j.key for j in bf16_jobs] == [j.key for j in gpu_jobs]
+    fp32_specs, fp32_jobs, _ = keys({"precision": "fp32"}, 1, 1)
+    assert [s.key for s in fp32_specs] == [s.key for s in cpu_specs]
+    assert [j.key for j in fp32_jobs] == [j.key for j in cpu_jobs]
+    # teachers on GPUs, students on CPUs: each side keyed by its own workers
+    _, mixed_jobs, _ = keys({}, 1, 0)
+    assert {j.precision for j in mixed_jobs} == {"fp32"}
+    assert [j.teacher_key for j in mixed_jobs] == [j.teacher_key for j in gpu_jobs]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_workers_train_in_the_precision_their_key_says(monkeypatch):
+    """A bf16-keyed teacher or student trains in bf16 even where auto would resolve to fp32 (this CPU)."""
+    from types import SimpleNamespace
+
+    from metakd.train import student as student_mod
+    from metakd.train import teacher as teacher_mod
+    from metakd.train.student import StudentJob, train_student
+    from metakd.train.teacher import TeacherSpec, train_one_teacher
+
+    seen = []
+
+    def stage(model, step, train_loader, dev_loader, domains, settings, runtime, tag):
+        seen.append(settings.precision)
+        raise _Stop
+
+    monkeypatch.setattr(teacher_mod, "train_stage", stage)
+    monkeypatch.setattr(student_mod, "train_stage", stage)
+    split = _split()
+    prepared = SimpleNamespace(data=SimpleNamespace(domains=["a", "b"], num_labels=2), tokenizer=[0] * VOCAB,
+                               train=split, dev=split, test=split, key="k")
+    cfg = from_dict({"device": "cpu", "data": {"max_length": SEQ}})  # precision: auto, fp32 on this CPU
+    runtime = LocalRuntime("cpu", log=lambda *_: None)
+    with pytest.raises(_Stop):
+        train_one_teacher(TeacherSpec("mix", None, 0, "t", "bf16"), cfg, prepared, runtime, "unused")
+    with pytest.raises(_Stop):
+        train_student(StudentJob("student_ft", "a", 0, "s", precision="bf16"), cfg, prepared, None, runtime)
+    with pytest.raises(_Stop):
+        train_student(StudentJob("student_ft", "a", 0, "s"), cfg, prepared, None, runtime)  # not planned: cfg's
+    assert seen == ["bf16", "bf16", "auto"]
+
+
+def test_tf32_is_a_scoped_setting_that_autocast_leaves_alone():
+    before = precision._tf32_state()
+    with precision.fp32_matmuls(tf32=True):
+        assert precision.tf32_enabled()
+        with precision.fp32_matmuls(tf32=False):  # the benchmark's IEEE-fp32 baseline
+            assert not precision.tf32_enabled()
+            with precision.autocast("fp32", "cuda"), precision.autocast("bf16", "cpu"):
+                assert not precision.tf32_enabled()  # autocast no longer turns TF32 on for the whole process
+        assert precision.tf32_enabled()
+    assert precision._tf32_state() == before
+    precision.use_tf32("cpu")  # only a CUDA runtime sets the engine's TF32
+    assert precision._tf32_state() == before

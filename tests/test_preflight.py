@@ -65,7 +65,7 @@ def test_label_out_of_range(tmp_path, capsys):
     rows[5] = json.dumps({"text": "a review", "label": 7})
     d = _reviews(tmp_path, {"books": rows})
     code, out = _validate(tmp_path, capsys, {"source": "amazon", "path": str(d), "num_labels": 2})
-    assert code == 2 and "books.jsonl" in out and "label 7" in out and "row 5" in out and "data.label_column" in out
+    assert code == 2 and "books.jsonl" in out and "label 7" in out and "line 6" in out and "data.label_column" in out
 
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path, capsys):
@@ -106,7 +106,8 @@ def test_checkpoint_directory_without_config_is_refused(tmp_path, capsys):
     assert code == 2 and "teacher.checkpoint" in out and "config.json" in out
 
 
-def test_remote_data_and_hub_ids_are_noted_in_one_line(tmp_path, capsys):
+def test_remote_data_and_hub_ids_are_noted_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("metakd.preflight.hub_unreachable", lambda: None)  # as with network: not fetched here
     code, out = _validate(tmp_path, capsys, {"source": "hf", "path": "SetFit/mnli", "domain_column": "genre"},
                           {"teacher": {"checkpoint": "bert-base-uncased"}, "student": {"preset": "bert-mini"},
                            "distill": {"layer_map": "round"}})
@@ -123,6 +124,7 @@ def test_checkpoint_layer_map_is_checked_from_its_local_config(tmp_path, capsys)
 
     BertConfig(num_hidden_layers=6, hidden_size=32, num_attention_heads=2, intermediate_size=64
                ).save_pretrained(tmp_path / "six")
+    (tmp_path / "six" / "model.safetensors").write_bytes(b"")  # only its presence is checked here
     extra = {"teacher": {"checkpoint": str(tmp_path / "six")}, "student": {"preset": "bert-mini"}}  # 4 layers
     code, out = _validate(tmp_path, capsys, {"source": "synthetic"}, extra)
     assert code == 2 and "student layers (4) do not map onto teacher layers (6)" in out

@@ -15,8 +15,11 @@ from metakd.models import build_student, build_teacher
 from metakd.train.loop import StageSettings, train_stage
 from metakd.train.runtime import LocalRuntime
 from metakd.train.student import Distiller
-from metakd.train.teacher_cache import (TeacherOutputs, TeacherStates, compute_outputs, save_outputs, states_bytes,
-                                        teacher_caches)
+from metakd.train import teacher_cache
+from metakd.train.teacher_cache import (MemoryReport, TeacherOutputs, TeacherStates, cache_budget, compute_outputs,
+                                        save_outputs, states_bytes, teacher_caches)
+
+GIB = 2**30
 
 VOCAB, SEQ, N = 90, 16, 24
 
@@ -136,16 +139,17 @@ def _train(distiller, student, split, stages):
     return losses
 
 
+@pytest.mark.parametrize("attention", ["scores", "probs"])
 @pytest.mark.parametrize("schedule", [("stage1", "stage2"), ("joint",)])
-def test_cached_and_recomputed_training_give_the_same_losses(schedule):
+def test_cached_and_recomputed_training_give_the_same_losses(schedule, attention):
     teacher, student = _models()
     split = _split()
     scores = torch.rand(N, generator=torch.Generator().manual_seed(0))
-    cfg = _cfg()
+    cfg = _cfg(attention=attention)
     plain = Distiller(teacher, student, cfg, meta=True, scores=scores)
     s_plain, s_cached = copy.deepcopy(student), copy.deepcopy(student)
     outputs = TeacherOutputs(compute_outputs(teacher, split, LocalRuntime("cpu")), "cpu")
-    states = TeacherStates.compute(teacher, split, plain.layers, 2, LocalRuntime("cpu"))
+    states = TeacherStates.compute(teacher, split, plain.layers, 2, LocalRuntime("cpu"), attention=attention)
     cached = Distiller(teacher, student, cfg, meta=True, scores=scores, outputs=outputs, states=states)
 
     reference = _train(plain, s_plain, split, schedule)
@@ -180,15 +184,102 @@ def test_teacher_caches_follow_the_setting_and_the_budget(tmp_path):
     # no stored outputs: computed here; states fit the default budget
     outputs, states = teacher_caches(teacher, None, *args, _cfg(), runtime, d.layers, 2, True)
     assert outputs is not None and states is not None and states.hidden.dtype == torch.float16
-    # stored outputs are read, not recomputed; a zero budget keeps no states, and stage 1 then runs the teacher
+    # stored outputs are read, not recomputed; a budget that holds them but not the states too keeps no
+    # states (the outputs count against it), and stage 1 then runs the teacher
     save_outputs({k: torch.full_like(v, 0.25) for k, v in compute_outputs(teacher, split, runtime).items()},
                  str(tmp_path), "k")
-    outputs, states = teacher_caches(teacher, str(tmp_path), *args, _cfg(teacher_cache_gb=0), runtime, d.layers, 2,
+    out_bytes = outputs.nbytes
+    state_bytes = states_bytes(N, SEQ, 64, 4, 2, d.layers)
+    assert out_bytes < state_bytes  # so a budget of state_bytes fits either alone, not both
+    gb = state_bytes / GIB
+    outputs, states = teacher_caches(teacher, str(tmp_path), *args, _cfg(teacher_cache_gb=gb), runtime, d.layers, 2,
                                      True)
     assert states is None and torch.equal(outputs.logits, torch.full((N, 2), 0.25))
     calls = _counting(teacher)
     _train(Distiller(teacher, student, _cfg(), meta=False, scores=None, outputs=outputs), student, split, ["stage1"])
     assert calls == [True] * 3
+    # without states (stage 2 only) the same budget keeps the outputs; a zero budget keeps nothing
+    assert teacher_caches(teacher, str(tmp_path), *args, _cfg(teacher_cache_gb=gb), runtime, d.layers, 2,
+                          False)[0] is not None
+    assert teacher_caches(teacher, str(tmp_path), *args, _cfg(teacher_cache_gb=0), runtime, d.layers, 2,
+                          True) == (None, None)
+
+
+# ----------------------------------------------------------------------------- the budget on shared GPUs
+
+
+def test_four_workers_at_a_quarter_of_a_24_gib_gpu_keep_a_quarter_each():
+    """student_gpus_per_worker 0.25: four workers on one 24 GiB GPU, each holding 0.5 GiB of models
+    and its 0.5 GiB CUDA context; they build their caches one after another."""
+    total, models, context = 24 * GIB, GIB // 2, teacher_cache.CUDA_CONTEXT_BYTES
+    kept = []
+    for worker in range(4):
+        # the device so far: every worker's context and models, and the caches already built
+        free = total - 4 * (context + models) - sum(kept)
+        memory = MemoryReport(total=total, free=free, reserved=models, allocated=models)
+        kept.append(cache_budget(8 * GIB, memory, gpu_share=0.25))
+    # half of (6 GiB share - 0.5 GiB models - 0.5 GiB context) = 2.5 GiB each, not half the free device
+    assert kept == [int(2.5 * GIB)] * 4
+    assert sum(kept) + 4 * (context + models) <= total - 4 * GIB  # room left for every worker's training step
+    # the old rule (half of what the device has free, per worker) would promise 8 GiB to the first alone
+    assert min(8 * GIB, 0.5 * (total - 4 * (context + models))) == 8 * GIB
+    # a whole GPU to one worker: its cap (teacher_cache_gb) binds
+    assert cache_budget(8 * GIB, MemoryReport(total, total - context - models, models, models)) == 8 * GIB
+    assert cache_budget(3 * GIB, None) == 3 * GIB  # CPU: the cap alone
+
+
+def test_budget_counts_memory_this_process_reserved_but_freed():
+    # a worker whose allocator holds 5 GiB of which 1 GiB is in use, on a device with 1 GiB free:
+    # mem_get_info says 1 GiB, but 4 GiB of the reserved blocks are this worker's to reuse
+    memory = MemoryReport(total=24 * GIB, free=1 * GIB, reserved=5 * GIB, allocated=1 * GIB)
+    assert cache_budget(8 * GIB, memory, gpu_share=1.0) == int(0.5 * (1 + 4) * GIB)
+    # ...but never more than what is left of its share of the device
+    share_left = 6 * GIB - GIB - teacher_cache.CUDA_CONTEXT_BYTES
+    assert cache_budget(8 * GIB, memory, gpu_share=0.25) == int(0.5 * share_left)
+    # a worker over its share keeps nothing
+    over = MemoryReport(total=24 * GIB, free=10 * GIB, reserved=7 * GIB, allocated=7 * GIB)
+    assert cache_budget(8 * GIB, over, gpu_share=0.25) == 0
+
+
+def _oom(*_a, **_k):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.90 GiB")
+
+
+def test_out_of_memory_while_building_the_states_falls_back_to_the_teacher_and_says_so(monkeypatch):
+    teacher, student = _models()
+    split = _split()
+    lines = []
+    runtime = LocalRuntime("cpu", log=lines.append)
+    d = Distiller(teacher, student, _cfg(), meta=False, scores=None)
+    monkeypatch.setattr(TeacherStates, "compute", classmethod(lambda cls, *a, **k: _oom()))
+    outputs, states = teacher_caches(teacher, None, SimpleNamespace(key="k", train=split), split, _cfg(), runtime,
+                                     d.layers, 2, True)
+    assert outputs is not None and states is None
+    said = [line for line in lines if "out of memory" in line]
+    assert len(said) == 1 and "stage-1 states" in said[0] and "teacher runs on every batch" in said[0]
+
+
+def test_out_of_memory_while_using_the_cache_drops_it_once_and_gives_the_same_loss(monkeypatch):
+    teacher, student = _models()
+    split = _split()
+    outputs = TeacherOutputs(compute_outputs(teacher, split, LocalRuntime("cpu")), "cpu")
+    lines = []
+    d = Distiller(teacher, student, _cfg(), meta=False, scores=None, log=lines.append)
+    states = TeacherStates.compute(teacher, split, d.layers, 2, LocalRuntime("cpu"), attention=d.attention)
+    cached = Distiller(teacher, student, _cfg(), meta=False, scores=None, outputs=outputs, states=states,
+                       log=lines.append)
+    monkeypatch.setattr(states, "lookup", _oom)
+    batch = split.select(torch.arange(8)).to_dict()
+    calls = _counting(teacher)
+    got = [float(cached.stage1(student.eval(), batch).detach()) for _ in range(2)]
+    assert cached.outputs is None and cached.states is None and calls == [True, True]  # the teacher ran
+    plain = float(d.stage1(student.eval(), batch).detach())
+    assert got == pytest.approx([plain, plain], rel=1e-6)
+    assert len([line for line in lines if "out of memory" in line]) == 1
+    # without a cache an out-of-memory error is the training step's: it is raised
+    monkeypatch.setattr(teacher, "forward", _oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        d.stage1(student, batch)
 
 
 def test_teacher_cache_setting_is_validated():

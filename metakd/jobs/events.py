@@ -23,15 +23,16 @@ TEACHER = "teacher_trained"
 STUDENT = "student_trained"
 
 
-def write_event(store: Store, kind: str, record: dict) -> None:
-    store.write_json(f"events/{kind}/{record['key']}-{uuid.uuid4().hex[:8]}.json", record)
+def write_event(store: Store, event: str, record: dict) -> None:
+    """One file for one ``event`` (TEACHER or STUDENT) of the training ``record`` describes."""
+    store.write_json(f"events/{event}/{record['key']}-{uuid.uuid4().hex[:8]}.json", record)
 
 
-def read_events(store: Store, kind: str) -> list[dict]:
-    """Every event of ``kind`` (TEACHER or STUDENT) on the store, oldest start first."""
+def read_events(store: Store, event: str) -> list[dict]:
+    """Every ``event`` (TEACHER or STUDENT) on the store, oldest start first."""
     import pyarrow.fs as pafs
 
-    sel = pafs.FileSelector(store.path(f"events/{kind}"), allow_not_found=True)
+    sel = pafs.FileSelector(store.path(f"events/{event}"), allow_not_found=True)
     out = []
     for info in store.fs.get_file_info(sel):
         if info.type == pafs.FileType.File and info.path.endswith(".json") and not info.base_name.startswith("."):

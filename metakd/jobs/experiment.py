@@ -2,30 +2,28 @@
 trained once (by whoever claims it first) and reused from the store afterwards.
 
 The same function serves ``metakd run`` (in-process or on a local Ray instance) and every
-sweep trial; what differs is the *runner* (how runs of the per-worker functions start: threads
-here, ``TorchTrainer`` fits in :mod:`metakd.jobs.ray_runner`) and the *registry* (who may train
-a missing artifact, :mod:`metakd.jobs.registry`).
+sweep trial; what differs is the *runner* (a :class:`metakd.jobs.schedule.Runner`: how runs of
+the per-worker functions start: threads here, ``TorchTrainer`` fits in :mod:`metakd.jobs.ray_runner`)
+and the *registry* (who may train a missing artifact, :mod:`metakd.jobs.registry`).
 """
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Callable
 
 from ..config import ExperimentConfig, ModelConfig, content_hash
-from ..data import data_key, prepare
-from ..methods import METHODS
+from ..data import data_identity, data_key, fingerprint, prepare, publish_prepared
+from ..methods import METHODS, STUDENT_KINDS
 from ..storage import Store
-from .events import count_student_trainings, count_teacher_trainings  # noqa: F401 (re-exported)
-from .registry import LocalRegistry, RegistryClient  # noqa: F401 (LocalRegistry re-exported)
-from .schedule import TrialSchedule
+from .registry import RegistryClient
+from .schedule import Runner, TrialSchedule
+from ..train.precision import planned
+from ..train.student import StudentJob
 from ..train.teacher import TeacherSpec, teacher_spec
-from .workers import student_worker, teacher_worker
-
-Registry = RegistryClient  # claim / finish / release / states / admit ...: metakd.jobs.registry
+from .workers import WORKER_FN, RunPhase, WorkerConfig
 
 STUDENT_VERSION = "student-v1"  # bump when student training changes so that stale results are not reused
 # sections that never reach a student (run bookkeeping, or covered by the teacher key)
@@ -34,8 +32,9 @@ _NOT_STUDENT = ("name", "methods", "seeds", "output_dir", "search", "data", "tea
 
 
 class LocalRunner:
-    """Runs the per-worker functions in this process, one run at a time (tests, ``metakd run``
-    without Ray): the teachers first, then the students."""
+    """The :class:`~metakd.jobs.schedule.Runner` of tests and ``metakd run`` without Ray: runs the
+    per-worker functions in this process, one run of one worker at a time (the teachers first,
+    then the students)."""
 
     poll_s = 0.05
 
@@ -43,13 +42,13 @@ class LocalRunner:
         self._lock = threading.Lock()
         self._active = 0
 
-    def demand(self, kind: str) -> dict:
+    def demand(self, phase: RunPhase) -> dict[str, float]:
         return {"run": 1.0}
 
-    def workers(self, kind: str, units: int) -> int:
+    def workers(self, phase: RunPhase, units: int) -> int:
         return 1
 
-    def max_units(self, kind: str) -> int:
+    def max_units(self, phase: RunPhase) -> int:
         return 1
 
     def available(self) -> dict:
@@ -61,18 +60,20 @@ class LocalRunner:
     def combined(self) -> bool:
         return False
 
-    def start(self, kind: str, config: dict, workers: int, run_id: str) -> list[dict]:
-        fn = teacher_worker if kind == "teachers" else student_worker
+    def gpus_per_worker(self, phase: RunPhase) -> None:
+        return None  # the worker is this process: a GPU when CUDA is available here
+
+    def start(self, config: WorkerConfig, workers: int) -> list[dict]:
         with self._lock:
             self._active += 1
             try:
-                return fn({**config, "runtime": "local"})
+                return WORKER_FN[config.phase](replace(config, runtime="local"))
             finally:
                 self._active -= 1
 
 
-def ensure(store: Store, registry: Registry, items: dict[str, str], build: Callable[[list[str]], None],
-           log=print, poll_s: float = 1.0, timeout_s: float | None = None) -> list[str]:
+def ensure(store: Store, registry: RegistryClient, items: dict[str, str], build: Callable[[list[str]], None], *,
+           poll_s: float = 1.0, timeout_s: float | None = None) -> list[str]:
     """Make every artifact in ``items`` (key -> store rel path) complete; return the keys built here.
 
     Keys already complete on the store are reused. Missing keys are claimed through the
@@ -112,89 +113,109 @@ def ensure(store: Store, registry: Registry, items: dict[str, str], build: Calla
     return built
 
 
-def ensure_data(cfg: ExperimentConfig, store: Store, registry: Registry, log=print) -> dict[int, str]:
-    """Prepared (split, subsampled, tokenised) data per seed, built once and shared: seed -> rel."""
+def ensure_data(cfg: ExperimentConfig, store: Store, registry: RegistryClient, log=print) -> dict[int, str]:
+    """Prepared (split, subsampled, tokenised) data per seed, built once and shared: seed -> rel.
+
+    The keys hold the fingerprint of the source's contents, hashed once here: edited files are
+    prepared again (and what was trained on them, whose keys hold it too, trained again)."""
     checkpoint = cfg.teacher.checkpoint or cfg.student.checkpoint
-    rels = {seed: f"data/{data_key(cfg.data, seed, checkpoint)}" for seed in cfg.seeds}
+    contents = fingerprint(cfg.data)
+    rels = {seed: f"data/{data_key(cfg.data, seed, checkpoint, contents)}" for seed in cfg.seeds}
     by_key = {rel.split("/", 1)[1]: rel for rel in rels.values()}
 
     def build(keys: list[str]) -> None:
         for seed, rel in rels.items():
             if rel.split("/", 1)[1] in keys and not store.is_complete(rel):
                 log(f"preparing data for seed {seed} -> {store.uri(rel)}")
-                if store.local_root is not None:
-                    prepare(cfg.data, seed, checkpoint, cache_dir=str(store.local_root / "data"),
-                            vocab_size=cfg.data.vocab_size)
-                else:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        prepare(cfg.data, seed, checkpoint, cache_dir=tmp, vocab_size=cfg.data.vocab_size)
-                        store.publish_dir(f"{tmp}/{rel.split('/', 1)[1]}", rel)
+                publish_prepared(prepare(cfg.data, seed, checkpoint, fingerprint=contents), store, rel)
 
-    ensure(store, registry, by_key, build, log)
+    ensure(store, registry, by_key, build)
     return rels
 
 
-def student_identity(cfg: ExperimentConfig, method: str, domain: str, seed: int, teacher_key: str | None) -> dict:
+def student_identity(cfg: ExperimentConfig, method: str, domain: str, seed: int, teacher_key: str | None,
+                     precision: str | None = None, data_fingerprint: str | None = None) -> dict:
     """Exactly what determines a student job's result: its teacher, method, domain, seed, the
-    student model, the data, and the settings this method reads.
+    student model, the data (config and ``data_fingerprint``: :func:`metakd.data.data_identity`),
+    and the settings this method reads.
+
+    The precision is the resolved one (``precision`` from :func:`metakd.train.precision.planned`;
+    None: planned for this process), never ``auto``: an fp32 (CPU) student is not a bf16 one.
 
     gamma2 enters only for metakd / metakd_no_target; student_ft (no teacher) keeps the
     fine-tuning settings and the teacher's architecture (its layer map, ``init_from_teacher``)
     but no distillation setting. A sweep over gamma2 thus shares every baseline student.
     """
     full = cfg.to_dict()
-    distill = METHODS[method].student_distill(full["distill"])  # the settings this method reads
+    # the settings this method and this kind of student (dense, pruned: metakd/methods.py) read
+    distill = METHODS[method].student_distill(full["distill"], STUDENT_KINDS[cfg.student.kind])
+    student = full["student"]
+    prune = student.pop("prune", None)  # absent, not None, for a dense student: dense keys stay as they were
+    if prune is not None:
+        student["prune"] = cfg.student.prune.used()
     ident = {"version": STUDENT_VERSION, "method": method, "domain": domain, "seed": seed,
-             "teacher_key": teacher_key, "student": full["student"], "data": full["data"], "distill": distill,
+             "teacher_key": teacher_key, "student": student, "data": data_identity(cfg.data, data_fingerprint),
+             "distill": distill,
              "run": {k: v for k, v in full.items() if k not in _NOT_STUDENT}}  # device, precision, ...
+    ident["run"]["precision"] = precision or planned(cfg.precision, cfg.device)
     if teacher_key is None:
         model_fields = {f.name for f in fields(ModelConfig)}
         ident["teacher_model"] = {k: v for k, v in full["teacher"].items() if k in model_fields}
     return ident
 
 
-def plan(cfg: ExperimentConfig, domains: list[str]) -> tuple[list[TeacherSpec], list[dict]]:
+def plan(cfg: ExperimentConfig, domains: list[str], teacher_gpus: float | None = None,
+         student_gpus: float | None = None, data_fingerprint: str | None = None
+         ) -> tuple[list[TeacherSpec], list[StudentJob]]:
     """The distinct teachers and the student jobs of an experiment, over all seeds and methods.
 
-    A job: method, domain, seed, teacher_key / teacher_rel (None for student_ft), and its own
-    ``key`` (a content hash of :func:`student_identity`) with ``rel`` = ``students/<key>``.
+    A job's ``key`` is a content hash of :func:`student_identity`; its teacher is None for student_ft.
+    ``teacher_gpus`` / ``student_gpus``: GPUs per teacher / student worker (None: this process),
+    which resolve ``precision: auto`` for the keys and for the workers (``TeacherSpec.precision``,
+    ``StudentJob.precision``), here, where the work is planned: a trial driver on a CPU-only head
+    plans bf16 for GPU workers.
     """
     specs: dict[str, TeacherSpec] = {}
-    jobs = []
+    jobs: list[StudentJob] = []
+    precision = planned(cfg.precision, cfg.device, student_gpus)
     for seed in cfg.seeds:
         for method in cfg.methods:
             if len(domains) < METHODS[method].min_domains:
                 raise ValueError(f"{method} needs at least {METHODS[method].min_domains} domains")
             for domain in domains:  # already restricted to data.domains when given
-                spec = teacher_spec(cfg, method, domain, seed)
+                spec = teacher_spec(cfg, method, domain, seed, teacher_gpus, data_fingerprint)
                 if spec is not None:
                     specs.setdefault(spec.key, spec)
-                key = content_hash(student_identity(cfg, method, domain, seed, spec.key if spec else None))
-                jobs.append({"method": method, "domain": domain, "seed": seed, "key": key, "rel": f"students/{key}",
-                             "teacher_key": spec.key if spec else None, "teacher_rel": spec.rel if spec else None})
+                key = content_hash(student_identity(cfg, method, domain, seed, spec.key if spec else None,
+                                                    precision, data_fingerprint))
+                jobs.append(StudentJob(method, domain, seed, key, spec.key if spec else None,
+                                       spec.rel if spec else None, precision))
     return list(specs.values()), jobs
 
 
-def run_experiment(cfg: ExperimentConfig, store: Store, registry: Registry, runner, log=print,
+def run_experiment(cfg: ExperimentConfig, store: Store, registry: RegistryClient, runner: Runner, log=print,
                    on_students: Callable[[list[dict], list[dict]], None] | None = None,
-                   source: dict | None = None, run_prefix: str = "run") -> dict:
+                   source: dict | None = None, run_prefix: str = "run", tracking=None) -> dict:
     """Prepare data, then train every missing teacher and student job as soon as it can start
     (:class:`metakd.jobs.schedule.TrialSchedule`), reusing whatever the store already holds.
 
     ``source`` ({trial_id, part}) is recorded with every student trained here; a result whose
     ``part`` differs (another trial's configuration trained the same job) comes back with
     ``reused_from`` = that trial's id. ``on_students(new, so_far)`` is called whenever jobs
-    finish, so a sweep trial writes its rows after every student.
+    finish, so a sweep trial writes its rows after every student. ``tracking`` (a
+    :class:`metakd.tracking.Tracking`): where the workers log each training's curve.
 
     Returns {"students": [...] (job order), "teachers_trained": [...], "teacher_keys": [...],
     "domains": [...]}.
     """
     source = source or {"trial_id": run_prefix, "part": run_prefix}
     data_rels = ensure_data(cfg, store, registry, log)
-    domains = store.read_json(f"{next(iter(data_rels.values()))}/meta.json")["domains"]
-    specs, jobs = plan(cfg, domains)
-    common = {"experiment": cfg.to_dict(), "store": store.root, "data": {str(s): r for s, r in data_rels.items()},
-              "registry": registry, "source": source}
+    data_meta = store.read_json(f"{next(iter(data_rels.values()))}/meta.json")
+    domains = data_meta["domains"]
+    for note in data_meta.get("notes", []):  # e.g. how many unlabelled rows were dropped
+        log(f"data: {note}")
+    specs, jobs = plan(cfg, domains, runner.gpus_per_worker(RunPhase.TEACHERS),
+                       runner.gpus_per_worker(RunPhase.STUDENTS), data_meta.get("fingerprint"))
 
     def annotate(results: list[dict]) -> list[dict]:
         for r in results:
@@ -206,8 +227,8 @@ def run_experiment(cfg: ExperimentConfig, store: Store, registry: Registry, runn
         if on_students is not None:
             on_students(annotate(new), annotate(so_far))
 
-    schedule = TrialSchedule(specs, jobs, common, store, registry, runner, run_prefix, log, finished,
-                             getattr(runner, "poll_s", 1.0))
+    schedule = TrialSchedule(cfg, specs, jobs, data_rels, store, registry, runner, source, run_prefix, log, finished,
+                             tracking)
     students, trained = schedule.run()
     reused = len(specs) - len(trained)
     if specs:

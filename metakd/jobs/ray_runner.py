@@ -8,7 +8,7 @@ none is left (:mod:`metakd.jobs.workers`) instead of one fit per teacher or stud
 - student run: up to ``student_workers`` workers of ``cpus_per_worker`` CPUs and
   ``student_gpus_per_worker`` GPUs (fractions allowed), each training its own jobs; with
   ``student_ddp: true`` all of them are DDP ranks of one student at a time instead;
-- "both": when a teacher worker and a student worker are the same (``workers_per_trial: 1``,
+- ``RunPhase.BOTH``: when a teacher worker and a student worker are the same (``workers_per_trial: 1``,
   equal GPUs per worker, no ``student_ddp``), a teacher run's one worker goes on to train student
   jobs once no teacher is left to claim, instead of ending and leaving them to a new fit.
 """
@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 
 from ..config import ResourcesConfig
-from .workers import student_worker, teacher_then_student_worker, teacher_worker
-
-WORKER_FN = {"teachers": teacher_worker, "students": student_worker, "both": teacher_then_student_worker}
+from .workers import WORKER_FN, RunPhase, WorkerConfig
 
 # Train V2 polls workers every 2 s and watches for preemption by default; both add seconds
 # to every short fit.
@@ -31,8 +30,18 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
+def ray_train_worker(loop_config: dict) -> list[dict]:
+    """What every Train worker of a run runs: its phase's per-worker function. Train takes a dict
+    (it exports it as JSON), so the typed config travels in it under ``"worker"``."""
+    config: WorkerConfig = loop_config["worker"]
+    return WORKER_FN[config.phase](config)
+
+
 class RayRunner:
-    """Starts teacher and student runs as ``TorchTrainer`` fits (see the module doc)."""
+    """The :class:`~metakd.jobs.schedule.Runner` of sweeps and ``metakd run --ray``: starts teacher
+    and student runs as ``TorchTrainer`` fits (see the module doc)."""
+
+    poll_s = 1.0
 
     def __init__(self, resources: ResourcesConfig, storage_path: str, max_failures: int = 1):
         self.resources = resources
@@ -40,57 +49,63 @@ class RayRunner:
         self.max_failures = max_failures
 
     def combined(self) -> bool:
-        """Whether teacher runs are "both" runs (see the module doc)."""
+        """Whether teacher runs are ``RunPhase.BOTH`` runs (see the module doc)."""
         r = self.resources
         return r.workers_per_trial == 1 and r.gpus_per_worker == r.student_gpus() and not r.student_ddp
 
-    def _per_worker(self, kind: str) -> dict:
+    def gpus_per_worker(self, phase: RunPhase) -> float:
+        """GPUs each worker of a run of ``phase`` gets (what decides ``precision: auto`` for its artifacts)."""
         r = self.resources
-        gpus = r.student_gpus() if kind == "students" else r.gpus_per_worker
-        return {"CPU": float(r.cpus_per_worker), **({"GPU": float(gpus)} if gpus else {})}
+        return float(r.student_gpus() if phase is RunPhase.STUDENTS else r.gpus_per_worker)
 
-    def demand(self, kind: str) -> dict:
+    def _per_worker(self, phase: RunPhase) -> dict[str, float]:
+        gpus = self.gpus_per_worker(phase)
+        return {"CPU": float(self.resources.cpus_per_worker), **({"GPU": gpus} if gpus else {})}
+
+    def demand(self, phase: RunPhase) -> dict[str, float]:
         """Resources of one admission unit: a whole teacher run; one student worker (a whole run with DDP)."""
-        ranks = self.workers(kind, 1)
-        return {res: v * ranks for res, v in self._per_worker(kind).items()}
+        ranks = self.workers(phase, 1)
+        return {res: v * ranks for res, v in self._per_worker(phase).items()}
 
-    def workers(self, kind: str, units: int) -> int:
-        if kind != "students":
+    def workers(self, phase: RunPhase, units: int) -> int:
+        if phase is not RunPhase.STUDENTS:
             return self.resources.workers_per_trial
         return self.resources.student_workers if self.resources.student_ddp else units
 
-    def max_units(self, kind: str) -> int:
-        if kind != "students" or self.resources.student_ddp:
+    def max_units(self, phase: RunPhase) -> int:
+        if phase is not RunPhase.STUDENTS or self.resources.student_ddp:
             return 1
         return self.resources.student_workers
 
-    def available(self) -> dict:
+    def available(self) -> dict[str, float]:
         import ray
 
         return ray.available_resources()
 
-    def fits(self, per_unit: dict) -> bool:
+    def fits(self, per_unit: dict[str, float]) -> bool:
         """Whether the cluster as it is now could hold one unit at all (else it has to scale up)."""
         import ray
 
         total = ray.cluster_resources()
         return all(total.get(res, 0.0) >= need for res, need in per_unit.items())
 
-    def start(self, kind: str, config: dict, workers: int, run_id: str) -> list[dict]:
+    def start(self, config: WorkerConfig, workers: int) -> list[dict]:
         """Run one fit to its end; returns what its rank-0 worker trained."""
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        per_worker = self._per_worker(kind)
+        phase = config.phase
+        per_worker = self._per_worker(phase)
         gpus = per_worker.get("GPU", 0)
-        ddp = kind == "teachers" or (kind == "students" and self.resources.student_ddp)
+        ddp = phase is RunPhase.TEACHERS or (phase is RunPhase.STUDENTS and self.resources.student_ddp)
         trainer = TorchTrainer(
-            WORKER_FN[kind],
-            train_loop_config={**config, "runtime": "ray", "ddp": ddp},
+            ray_train_worker,
+            # a fractional GPU (0.25: four workers on one) is what the worker's teacher cache may plan on
+            train_loop_config={"worker": replace(config, runtime="ray", ddp=ddp, gpu_share=min(1.0, gpus) or 1.0)},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus), resources_per_worker=per_worker),
             # independent student workers never talk to each other: gloo, whatever the devices
             torch_config=TorchConfig(backend="nccl" if gpus and ddp else "gloo"),
-            run_config=RunConfig(name=run_id, storage_path=self.storage_path,
+            run_config=RunConfig(name=config.run, storage_path=self.storage_path,
                                  failure_config=FailureConfig(max_failures=self.max_failures),
                                  # resume needs only the latest checkpoint; older ones are deleted
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)),

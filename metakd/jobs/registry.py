@@ -6,6 +6,9 @@ arbitrates between live trainers. :class:`RegistryState` holds
 - claims: key -> (owner, lease expiry), and the keys that are done. The first owner to claim a
   missing key trains it; the others skip it (or wait for it). An owner renews its lease while it
   works, so the claims of a trainer that died expire after ``lease_s`` and another takes over.
+  A trainer whose lease ran out anyway (renewals that failed for longer than the lease) learns
+  it right before publishing (:meth:`RegistryClient.still_mine`) and drops its work; only the
+  owner finishes a key it holds.
 - admissions: resources promised to runs that were launched but have not started yet, so that
   trials deciding at the same moment do not all count the same free CPUs / GPUs.
 - a log of finished trainings, which the sweep's console prints.
@@ -17,6 +20,7 @@ sweep. Both are :class:`RegistryClient` s, which also travel inside a worker's c
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -24,6 +28,10 @@ import time
 NAMESPACE = "metakd"
 LEASE_S = 60.0
 RESERVE_S = 120.0  # an admission whose run never reported its start is forgotten after this long
+RETRY_S = 0.5  # first retry of a failed lease renewal
+GONE_S = 300.0  # a registry that has not answered renewals for this long is gone (the sweep ended)
+
+log = logging.getLogger(__name__)
 
 
 class RegistryState:
@@ -33,7 +41,7 @@ class RegistryState:
         self.lease_s, self.reserve_s = lease_s, reserve_s
         self.running: dict[str, tuple[str, float]] = {}  # key -> (owner, lease expiry)
         self.done: set[str] = set()
-        self.needed: dict[str, set[str]] = {}  # kind -> keys some trial needs (for progress counts)
+        self.needed: dict[str, set[str]] = {}  # artifact ("teacher", "student") -> keys some trial needs
         self.admitted: dict[str, tuple[dict, float]] = {}  # run id -> (resources, when)
         self.log: list[dict] = []
 
@@ -51,16 +59,33 @@ class RegistryState:
         self.running[key] = (owner, time.monotonic() + self.lease_s)
         return "mine"
 
-    def renew(self, keys: list[str], owner: str) -> None:
+    def renew(self, keys: list[str], owner: str) -> list[str]:
+        """Extend ``owner``'s leases on ``keys``; returns the keys it no longer holds (finished,
+        released, or taken over by another owner after its lease ran out)."""
+        lost = []
         for key in keys:
             if self.running.get(key, (None,))[0] == owner:
                 self.running[key] = (owner, time.monotonic() + self.lease_s)
+            else:
+                lost.append(key)
+        return lost
 
-    def finish(self, key: str, record: dict | None = None) -> None:
+    def finish(self, key: str, owner: str, record: dict | None = None) -> bool:
+        """``key`` is done (its artifact, or its failed result, is on the store); ``record`` goes to the log.
+
+        Refused (False, nothing changes) while another owner holds a live lease on ``key``: that
+        owner trains it now, and finishes it itself. Anyone may finish a key nobody holds (it was
+        found complete on the store)."""
+        if key in self.done:
+            return True
+        holder = self._live(key)
+        if holder is not None and holder[0] != owner:
+            return False
         self.running.pop(key, None)
-        if record is not None and key not in self.done:
+        if record is not None:
             self.log.append(record)
         self.done.add(key)
+        return True
 
     def release(self, key: str, owner: str) -> None:
         if self.running.get(key, (None,))[0] == owner:
@@ -81,8 +106,9 @@ class RegistryState:
             out[key] = ("done", None) if key in self.done else ("running", holder[0]) if holder else ("missing", None)
         return out
 
-    def need(self, kind: str, keys: list[str]) -> None:
-        self.needed.setdefault(kind, set()).update(keys)
+    def need(self, artifact: str, keys: list[str]) -> None:
+        """Some trial needs the ``artifact`` s ("teacher", "student") ``keys``: counted by :meth:`progress`."""
+        self.needed.setdefault(artifact, set()).update(keys)
 
     def admit(self, run: str, per_unit: dict, units: int, available: dict, at_least_one: bool = False) -> int:
         """How many of ``units`` (each needing ``per_unit`` resources) to start for ``run`` now.
@@ -108,10 +134,10 @@ class RegistryState:
         self.admitted.pop(run, None)
 
     def progress(self, since: int = 0) -> tuple[list[dict], int, dict]:
-        """(log records from index ``since``, next index, per kind {needed, done, running} counts)."""
+        """(log records from index ``since``, next index, per artifact {needed, done, running} counts)."""
         live = {k for k in self.running if self._live(k)}
-        counts = {kind: {"needed": len(keys), "done": len(keys & self.done), "running": len(keys & live)}
-                  for kind, keys in self.needed.items()}
+        counts = {artifact: {"needed": len(keys), "done": len(keys & self.done), "running": len(keys & live)}
+                  for artifact, keys in self.needed.items()}
         return self.log[since:], len(self.log), counts
 
     def reset(self) -> None:
@@ -167,9 +193,26 @@ class RegistryClient:
             self._start_renewing()
         return answer
 
-    def finish(self, key: str, record: dict | None = None) -> None:
-        self._call("finish", key, record)
+    def finish(self, key: str, record: dict | None = None) -> bool:
+        """Mark ``key`` done (:meth:`RegistryState.finish`); False, and a warning, when another owner
+        holds it now."""
         self._held.discard(key)
+        done = self._call("finish", key, self.owner, record)
+        if not done:
+            log.warning("registry: %s did not finish %s: another owner holds it now", self.owner, key)
+        return done
+
+    def still_mine(self, key: str) -> bool:
+        """Whether this owner may still publish ``key`` (asked right before publishing): it holds the
+        lease (renewed now), or nobody does and nobody finished it. False when the lease ran out and
+        another owner took the key over, or finished it: this owner's work on it is to be dropped."""
+        mine = self._call("claim", key, self.owner) == "mine"
+        if mine:
+            self._held.add(key)
+            self._start_renewing()
+        else:
+            self._held.discard(key)
+        return mine
 
     def release(self, key: str) -> None:
         self._call("release", key, self.owner)
@@ -181,8 +224,8 @@ class RegistryClient:
     def states(self, keys: list[str]) -> dict[str, tuple[str, str | None]]:
         return self._call("states", list(keys)) if keys else {}
 
-    def need(self, kind: str, keys: list[str]) -> None:
-        self._call("need", kind, list(keys))
+    def need(self, artifact: str, keys: list[str]) -> None:
+        self._call("need", artifact, list(keys))
 
     def admit(self, run: str, per_unit: dict, units: int, available: dict, at_least_one: bool = False) -> int:
         return self._call("admit", run, per_unit, units, available, at_least_one)
@@ -201,12 +244,31 @@ class RegistryClient:
             return
 
         def loop():
-            while not self._stop.wait(self.renew_s):
-                if self._held:
-                    try:
-                        self._call("renew", sorted(self._held), self.owner)
-                    except Exception:  # the registry went away with the sweep: nothing left to renew
+            # A failed renewal is retried sooner (0.5 s, doubling up to renew_s): a registry that
+            # hiccups (a busy or restarting actor, a network blip) must not cost the lease. Only
+            # one that has not answered for GONE_S is taken for gone (the sweep ended).
+            delay, failing_since = self.renew_s, None
+            while not self._stop.wait(delay):
+                keys = sorted(self._held.copy())  # the worker's thread adds and drops keys meanwhile
+                if not keys:
+                    delay, failing_since = self.renew_s, None
+                    continue
+                try:
+                    self._call("renew", keys, self.owner)  # a key lost meanwhile: still_mine says so
+                except Exception as e:  # noqa: BLE001 - any failure of the call is retried
+                    now = time.monotonic()
+                    if failing_since is None:
+                        failing_since, delay = now, RETRY_S
+                        log.warning("registry: renewing %s's leases failed (%s); retrying", self.owner, e)
+                    elif now - failing_since > GONE_S:
+                        log.warning("registry: no answer for %.0fs, taken for gone; %s stops renewing",
+                                    now - failing_since, self.owner)
                         return
+                    else:
+                        delay *= 2
+                    delay = min(delay, self.renew_s)
+                    continue
+                delay, failing_since = self.renew_s, None
 
         self._thread = threading.Thread(target=loop, daemon=True, name="metakd-lease")
         self._thread.start()
@@ -218,8 +280,8 @@ class RegistryClient:
 class LocalRegistry(RegistryClient):
     """The registry in this process: whoever asks first trains (``metakd run``, tests)."""
 
-    def __init__(self, lease_s: float = LEASE_S):
-        super().__init__(RegistryState(lease_s), owner="local")
+    def __init__(self, lease_s: float = LEASE_S, renew_s: float | None = None):
+        super().__init__(RegistryState(lease_s), owner="local", renew_s=renew_s or lease_s / 6)
 
     @property
     def state(self) -> dict[str, str]:

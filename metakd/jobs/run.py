@@ -9,16 +9,24 @@ from pathlib import Path
 import pandas as pd
 
 from ..report import analysis, results
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, TrackingConfig, content_hash
 from ..storage import Store
-from .experiment import LocalRegistry, LocalRunner, run_experiment
-from ..report.rows import curve_rows, result_rows
+from .experiment import LocalRunner, run_experiment
+from .registry import LocalRegistry
+from ..report.rows import curve_rows, result_rows, running_metrics
 
 
-def run_local(cfg: ExperimentConfig, root: str | None = None, use_ray: bool = False, log=print) -> dict:
-    """Run ``cfg`` with its artifacts under ``root`` (default ``<output_dir>/<name>``); returns the run dict."""
+def run_local(cfg: ExperimentConfig, root: str | None = None, use_ray: bool = False, log=print,
+              trackers: TrackingConfig | None = None) -> dict:
+    """Run ``cfg`` with its artifacts under ``root`` (default ``<output_dir>/<name>``); returns the run dict.
+    ``trackers``: the experiment trackers to log to (``metakd run --tracking``)."""
+    from .. import tracking
+
     root = root or str(Path(cfg.output_dir) / cfg.name)
     store = Store(root)
+    config = run_part(cfg)
+    resolved = tracking.resolve(trackers or TrackingConfig(), cfg.name, str(Path(root).resolve()), "--tracking")
+    tracked, run_log = tracking.open_run(resolved, cfg.name, config, log)
     if use_ray:
         import ray
 
@@ -33,14 +41,35 @@ def run_local(cfg: ExperimentConfig, root: str | None = None, use_ray: bool = Fa
     else:
         runner, registry = LocalRunner(), LocalRegistry()
     try:
-        out = run_experiment(cfg, store, registry, runner, log)
+        out = run_experiment(cfg, store, registry, runner, log, tracking=tracked)
+    except BaseException:
+        if run_log is not None:
+            run_log.close(ok=False)
+        raise
     finally:
         registry.close()
-    out["rows"] = result_rows(cfg, cfg.name, "run", out["students"])
-    results.write_part(root, out["rows"], "run")
-    results.write_part(root, curve_rows(cfg.name, "run", out["students"], out["teachers_trained"]), "run", "curves")
+    if run_log is not None:
+        run_log.close(running_metrics(out["students"], cfg.methods), ok=True)
+    # One part per (configuration, seed), as a sweep has one per configuration: a rerun with another seed
+    # or another setting under the same name adds its rows, a rerun of the same replaces only its own.
+    out["rows"] = result_rows(cfg, cfg.name, config, out["students"])
+    curves = curve_rows(cfg.name, config, out["students"], out["teachers_trained"])
+    for seed in cfg.seeds:
+        results.write_part(root, [r for r in out["rows"] if r["seed"] == seed], f"{config}-seed{seed}")
+        results.write_part(root, [r for r in curves if r["seed"] == seed], f"{config}-seed{seed}", "curves")
     out["root"] = root
+    out["parts"] = [f"{config}-seed{seed}" for seed in cfg.seeds]
     return out
+
+
+def run_part(cfg: ExperimentConfig) -> str:
+    """``cfg-<hash>`` of everything in ``cfg`` that shapes its rows (not its name, seeds or output_dir).
+
+    Also the rows' ``trial_id``, as a sweep's rows carry their trial's: it tells the configurations
+    run under one name apart in the results table.
+    """
+    identity = {k: v for k, v in cfg.to_dict().items() if k not in ("name", "seeds", "output_dir", "search")}
+    return f"cfg-{content_hash(identity)}"
 
 
 def _default_resources():
@@ -54,11 +83,11 @@ def format_table(rows: list[dict], split: str = "test") -> str:
     return f"{split} accuracy (%), mean ± std over seeds\n" + table.to_string()
 
 
-def run_and_report(cfg: ExperimentConfig, use_ray: bool = False) -> int:
+def run_and_report(cfg: ExperimentConfig, use_ray: bool = False, trackers: TrackingConfig | None = None) -> int:
     start = time.perf_counter()
     print(f"metakd run '{cfg.name}': methods {', '.join(cfg.methods)}; seeds {cfg.seeds}; "
           f"teacher {cfg.teacher.label()}, student {cfg.student.label()}", flush=True)
-    out = run_local(cfg, use_ray=use_ray)
+    out = run_local(cfg, use_ray=use_ray, trackers=trackers)
     print()
     print(format_table(out["rows"], "dev"))
     print()

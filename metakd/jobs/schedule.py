@@ -10,28 +10,83 @@ in-process) whose workers pull work from the registry (:mod:`metakd.jobs.workers
 - student run: as soon as one student job is ready (its teacher is published, or it needs none)
   and no student run of this trial is active, start one with up to ``student_workers`` workers
   (as many as fit now). Its workers claim ready jobs until none is left.
-- where a teacher worker and a student worker take the same resources, teacher runs are "both"
-  runs: their worker goes on to the student jobs once no teacher is left to claim, and counts as
-  the trial's student run.
+- where a teacher worker and a student worker take the same resources, teacher runs are
+  ``RunPhase.BOTH`` runs: their worker goes on to the student jobs once no teacher is left to
+  claim, and counts as the trial's student run.
 
 Room is what Ray reports available less what earlier admissions promised to runs that have not
 started yet (:meth:`metakd.jobs.registry.RegistryState.admit`), so trials deciding at the same
 moment do not all count the same free CPUs. Jobs and teachers finished by anyone (another trial,
 an earlier driver) are read from the store, not trained again.
+
+Runs are started by a :class:`Runner`: threads in this process (``metakd.jobs.experiment.LocalRunner``)
+or ``TorchTrainer`` fits (``metakd.jobs.ray_runner.RayRunner``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict
+from typing import Callable, Protocol, runtime_checkable
+
+from ..config import ExperimentConfig
+from ..storage import Store
+from .registry import RegistryClient
+from .workers import RunPhase, WorkerConfig
+from ..train.student import StudentJob
+from ..train.teacher import TeacherSpec
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """Starts runs of the per-worker functions, and says how many fit: what :class:`TrialSchedule` asks.
+
+    Resources are dicts as Ray counts them ({"CPU": 2.0, "GPU": 0.5}). A *unit* is what one
+    admission reserves: a whole run, or one independent student worker of a student run.
+    """
+
+    poll_s: float  # seconds between the schedule's looks at the registry
+
+    def combined(self) -> bool:
+        """Whether teacher runs are ``RunPhase.BOTH`` runs (a teacher worker takes a student worker's resources)."""
+        ...
+
+    def demand(self, phase: RunPhase) -> dict[str, float]:
+        """Resources of one unit of a run of ``phase``."""
+        ...
+
+    def workers(self, phase: RunPhase, units: int) -> int:
+        """How many workers a run of ``phase`` admitted for ``units`` units starts."""
+        ...
+
+    def max_units(self, phase: RunPhase) -> int:
+        """The most units one run of ``phase`` can use."""
+        ...
+
+    def available(self) -> dict[str, float]:
+        """Resources free now."""
+        ...
+
+    def fits(self, per_unit: dict[str, float]) -> bool:
+        """Whether the cluster as it is now could hold one unit at all (else it has to scale up)."""
+        ...
+
+    def gpus_per_worker(self, phase: RunPhase) -> float | None:
+        """GPUs each worker of a run of ``phase`` gets (None: the worker is this process), which
+        decides what ``precision: auto`` means for the artifacts it trains (``precision.planned``)."""
+        ...
+
+    def start(self, config: WorkerConfig, workers: int) -> list[dict]:
+        """Run ``config.phase``'s per-worker function on ``workers`` workers to its end (blocking);
+        returns what its rank-0 worker returned (teacher summaries, or student results)."""
+        ...
 
 
 class Run:
     """One launched run, working in a thread: ``fn()`` returns the summaries it trained."""
 
-    def __init__(self, run_id: str, kind: str, workers: int, fn):
-        self.id, self.kind, self.workers = run_id, kind, workers
+    def __init__(self, run_id: str, phase: RunPhase, workers: int, fn):
+        self.id, self.phase, self.workers = run_id, phase, workers
         self.value, self.error = None, None
         self.thread = threading.Thread(target=self._work, args=(fn,), daemon=True, name=f"metakd-{run_id}")
         self.thread.start()
@@ -47,13 +102,20 @@ class Run:
 
 
 class TrialSchedule:
-    """Trains (or reuses) every teacher and student job of one trial; see the module doc."""
+    """Trains (or reuses) every teacher and student job of one trial; see the module doc.
 
-    def __init__(self, specs: list, jobs: list[dict], common: dict, store, registry, runner, run_prefix: str,
-                 log=print, on_students=None, poll_s: float = 1.0):
-        self.specs, self.jobs, self.common = specs, jobs, common
+    ``data``: seed -> store rel path of the prepared data; ``source``: {trial_id, part}, recorded
+    with every student trained here; ``on_students(new, so_far)``: called with the results of
+    jobs as they finish.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, specs: list[TeacherSpec], jobs: list[StudentJob], data: dict[int, str],
+                 store: Store, registry: RegistryClient, runner: Runner, source: dict, run_prefix: str, log=print,
+                 on_students: Callable[[list[dict], list[dict]], None] | None = None, tracking=None):
+        self.cfg, self.specs, self.jobs, self.data, self.source = cfg, specs, jobs, data, source
+        self.tracking = tracking  # metakd.tracking.Tracking of the trial, handed to every run's workers
         self.store, self.registry, self.runner = store, registry, runner
-        self.prefix, self.log, self.on_students, self.poll_s = run_prefix, log, on_students, poll_s
+        self.prefix, self.log, self.on_students, self.poll_s = run_prefix, log, on_students, runner.poll_s
         self.runs: list[Run] = []
         self.launched = 0
         self.results: dict[str, dict] = {}  # job key -> result (trained here or elsewhere)
@@ -63,8 +125,8 @@ class TrialSchedule:
         """(results in job order, summaries of the teachers this trial trained)."""
         self._sync_store()
         self.registry.need("teacher", [s.key for s in self.specs])
-        self.registry.need("student", [j["key"] for j in self.jobs])
-        keys = [s.key for s in self.specs] + [j["key"] for j in self.jobs]
+        self.registry.need("student", [j.key for j in self.jobs])
+        keys = [s.key for s in self.specs] + [j.key for j in self.jobs]
         try:
             while True:
                 self._collect_runs()
@@ -83,11 +145,11 @@ class TrialSchedule:
             for run in self.runs:
                 self.registry.release_owner(run.id)
             raise
-        return [self.results[j["key"]] for j in self.jobs], self.teachers_trained
+        return [self.results[j.key] for j in self.jobs], self.teachers_trained
 
     def _sync_store(self) -> None:
         """Artifacts already complete on the store (an earlier driver, another sweep) count as done."""
-        rels = {s.key: s.rel for s in self.specs} | {j["key"]: j["rel"] for j in self.jobs}
+        rels = {s.key: s.rel for s in self.specs} | {j.key: j.rel for j in self.jobs}
         states = self.registry.states(list(rels))
         for key, rel in rels.items():
             if states[key][0] != "done" and self.store.is_complete(rel):
@@ -100,21 +162,22 @@ class TrialSchedule:
             if run.error is not None:
                 self.registry.release_owner(run.id)
                 raise run.error
-            if run.kind in ("teachers", "both"):
+            if run.phase.trains_teachers:
                 self.teachers_trained.extend(run.value or [])
 
     def _read_finished(self, states: dict) -> None:
         new = []
         for job in self.jobs:
-            if states[job["key"]][0] == "done" and job["key"] not in self.results:
-                self.results[job["key"]] = self.store.read_json(f"{job['rel']}/result.json")
-                new.append(job["key"])
+            if states[job.key][0] == "done" and job.key not in self.results:
+                self.results[job.key] = self.store.read_json(f"{job.rel}/result.json")
+                new.append(job.key)
         if new and self.on_students is not None:
-            self.on_students([self.results[k] for k in new], [self.results[j["key"]] for j in self.jobs
-                                                              if j["key"] in self.results])
+            self.on_students([self.results[k] for k in new], [self.results[j.key] for j in self.jobs
+                                                              if j.key in self.results])
 
-    def _admit(self, kind: str, units: int, per_unit: dict, available: dict, active: list[Run]) -> tuple[str, int]:
-        run_id = f"{self.prefix}-{kind}-{self.launched}"
+    def _admit(self, phase: RunPhase, units: int, per_unit: dict, available: dict,
+               active: list[Run]) -> tuple[str, int]:
+        run_id = f"{self.prefix}-{phase}-{self.launched}"
         # a cluster that cannot hold one unit now must scale up, and sees demand only from a launched run
         grow = not active and not self.runner.fits(per_unit)
         return run_id, self.registry.admit(run_id, per_unit, units, available, grow)
@@ -122,41 +185,40 @@ class TrialSchedule:
     def _launch_teachers(self, states: dict, available: dict) -> None:
         missing = [s for s in self.specs if states[s.key][0] == "missing"]
         holders = {states[s.key][1] for s in self.specs if states[s.key][0] == "running"}
-        runs = [r for r in self.runs if r.kind in ("teachers", "both")]
+        runs = [r for r in self.runs if r.phase.trains_teachers]
         starting = [r for r in runs if r.id not in holders]  # each about to claim one (or done with teachers)
-        kind = "both" if self.runner.combined() else "teachers"
-        per_run = self.runner.demand(kind)
+        phase = RunPhase.BOTH if self.runner.combined() else RunPhase.TEACHERS
+        per_run = self.runner.demand(phase)
         for _ in range(len(missing) - len(starting)):
-            run_id, n = self._admit(kind, 1, per_run, available, runs)
+            run_id, n = self._admit(phase, 1, per_run, available, runs)
             if n == 0:
                 return
-            config = {**self.common, "specs": [asdict(s) for s in self.specs], "run": run_id}
-            if kind == "both":
-                config["jobs"] = self.jobs
-            self._start(run_id, kind, self.runner.workers(kind, 1), config)
+            self._start(run_id, phase, self.runner.workers(phase, 1))
             runs.append(self.runs[-1])
 
     def _launch_students(self, states: dict, available: dict) -> None:
-        runs = [r for r in self.runs if r.kind in ("students", "both")]
+        runs = [r for r in self.runs if r.phase.trains_students]
         if runs:
             return
 
-        def ready(job):
-            return states[job["key"]][0] == "missing" and (
-                not job.get("teacher_key") or states[job["teacher_key"]][0] == "done")
+        def ready(job: StudentJob) -> bool:
+            return states[job.key][0] == "missing" and (not job.teacher_key or states[job.teacher_key][0] == "done")
 
         if not any(ready(j) for j in self.jobs):
             return
-        open_jobs = sum(states[j["key"]][0] == "missing" for j in self.jobs)
-        per_unit, units = self.runner.demand("students"), self.runner.max_units("students")
-        run_id, n = self._admit("students", min(units, open_jobs), per_unit, available, runs)
+        open_jobs = sum(states[j.key][0] == "missing" for j in self.jobs)
+        phase = RunPhase.STUDENTS
+        per_unit, units = self.runner.demand(phase), self.runner.max_units(phase)
+        run_id, n = self._admit(phase, min(units, open_jobs), per_unit, available, runs)
         if n > 0:
-            self._start(run_id, "students", self.runner.workers("students", n), {**self.common, "jobs": self.jobs,
-                                                                                "run": run_id})
+            self._start(run_id, phase, self.runner.workers(phase, n))
 
-    def _start(self, run_id: str, kind: str, workers: int, config: dict) -> None:
+    def _start(self, run_id: str, phase: RunPhase, workers: int) -> None:
         self.launched += 1
-        what = {"teachers": f"{len(self.specs)} teacher(s)", "students": f"{len(self.jobs)} student job(s)",
-                "both": f"{len(self.specs)} teacher(s), then {len(self.jobs)} student job(s)"}[kind]
+        what = {RunPhase.TEACHERS: f"{len(self.specs)} teacher(s)",
+                RunPhase.STUDENTS: f"{len(self.jobs)} student job(s)",
+                RunPhase.BOTH: f"{len(self.specs)} teacher(s), then {len(self.jobs)} student job(s)"}[phase]
         self.log(f"starting {run_id}: {workers} worker(s) for {what}")
-        self.runs.append(Run(run_id, kind, workers, lambda: self.runner.start(kind, config, workers, run_id)))
+        config = WorkerConfig(phase, run_id, self.cfg, self.store.root, self.data, self.registry, self.source,
+                              tuple(self.specs), tuple(self.jobs), tracking=self.tracking)
+        self.runs.append(Run(run_id, phase, workers, lambda: self.runner.start(config, workers)))

@@ -253,28 +253,39 @@ _SIZE_KEYS = ["student", "student_layers", "student_hidden"]
 def student_size_table(
     df: pd.DataFrame, method: str = "metakd", split: str = "test", exclude_collapsed: bool = False
 ) -> pd.DataFrame:
-    """Accuracy (domain average, over seeds) and size/latency per student, sorted by params.
+    """Accuracy (domain average, over seeds) and size/latency per student, sorted by nonzero parameters.
 
-    Columns student, student_layers, student_hidden, label (e.g. "bert-mini (4L-256)"),
-    mean, std, count, student_params, latency_ms_b1, latency_ms_b32 (latencies: mean over rows).
+    Columns student, student_layers, student_hidden, label (e.g. "bert-mini (4L-256)", "pruned movement
+    0.9 +prc+snc+fic (6L-384)"), mean, std, count, student_params, student_nonzero_params (a dense student's
+    is its student_params), latency_ms_b1, latency_ms_b32 (latencies: mean over rows), kind (dense, or the
+    prune structure), latency_kind. Dense and pruned students share the x axis student_nonzero_params.
     """
     extra = ("student_params", "latency_ms_b1", "latency_ms_b32")
     rows, flags = _usable(df, split, (*_SIZE_KEYS, *extra), "student size table", exclude_collapsed)
     ours = _method_rows(rows, method, f"no {method} rows (status='ok', split={split!r}) for the size table")
+    nonzero = ours["student_nonzero_params"] if "student_nonzero_params" in ours else pd.Series(np.nan, ours.index)
+    structure = ours["prune_structure"] if "prune_structure" in ours else pd.Series(None, ours.index, dtype=object)
+    kind_of_latency = ours["latency_kind"] if "latency_kind" in ours else pd.Series(None, ours.index, dtype=object)
+    ours = ours.assign(student_nonzero_params=nonzero.fillna(ours["student_params"]).astype(float),
+                       kind=structure.astype(object).where(structure.notna(), "dense"),
+                       latency_kind=kind_of_latency.astype(object).where(kind_of_latency.notna(), "dense"))
     per_seed = _per_seed(ours, [*_SIZE_KEYS, "domain"])
     acc = _over_seeds(_domain_average_per_seed(per_seed, _SIZE_KEYS), _SIZE_KEYS)
     sizes = (
         ours.groupby(_SIZE_KEYS, dropna=False)
         .agg(
             student_params=("student_params", "median"),
+            student_nonzero_params=("student_nonzero_params", "median"),
             latency_ms_b1=("latency_ms_b1", "mean"),
             latency_ms_b32=("latency_ms_b32", "mean"),
+            kind=("kind", "first"),
+            latency_kind=("latency_kind", "first"),
         )
         .reset_index()
     )
     out = acc.merge(sizes, on=_SIZE_KEYS, how="left")
     out.insert(3, "label", [_student_label(*r) for r in out[_SIZE_KEYS].itertuples(index=False)])
-    out = out.sort_values("student_params", na_position="last", kind="stable").reset_index(drop=True)
+    out = out.sort_values("student_nonzero_params", na_position="last", kind="stable").reset_index(drop=True)
     out.attrs.update(method=method, split=split, **flags)
     return out
 

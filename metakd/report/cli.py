@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +26,10 @@ def _exclude_flag(p) -> None:
         "--exclude-collapsed", action="store_true",
         help="leave out students whose dev accuracy ended at or below the dev majority-class rate "
         "(default: keep them and say how many there are)",
+    )
+    p.add_argument(
+        "--strict", action="store_true",
+        help="fail on a results part that cannot be read (default: name it on stderr and skip it)",
     )
 
 
@@ -45,7 +50,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "plot",
-        help="write Figure 3 / Figure 4 / student-size plots (PNG + PDF)",
+        help="write Figure 3 / Figure 4 / student-size plots (PNG + PDF, or the format of -o's suffix)",
         description="fig3: improvement over the baseline vs sample rate; fig4: accuracy vs gamma2; "
         "sizes: accuracy vs student parameters.",
     )
@@ -53,7 +58,8 @@ def register(subparsers) -> None:
     p.add_argument("path", help="sweep directory, its results/ directory, or a .parquet file")
     p.add_argument(
         "-o", "--out", default=None,
-        help="output PNG path; a PDF with the same stem is written too (default: <figure>.png)",
+        help="output file; its suffix is the format (.svg, .jpg, ...), and for .png (or no suffix) a PDF "
+        "with the same stem is written too (default: <figure>.png)",
     )
     p.add_argument("--method", default="metakd", help="method to plot (default: metakd)")
     p.add_argument(
@@ -106,10 +112,21 @@ def _guard(fn):
         try:
             return fn(args)
         except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"metakd: error: {e}", file=sys.stderr)
             return 2
 
     return run
+
+
+def _load(args: argparse.Namespace) -> pd.DataFrame:
+    """The results table; a corrupt part is named on stderr and skipped (``--strict``: an error)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", results.CorruptPartWarning)  # said once below, without a source line
+        df = results.load(args.path, strict=args.strict)
+    for path, reason in df.attrs.get("skipped_parts", []):
+        print(f"warning: skipped corrupt results part {path}: {reason} (--strict makes this an error)",
+              file=sys.stderr)
+    return df
 
 
 def _collapse_note(attrs: dict) -> None:
@@ -123,7 +140,7 @@ def _collapse_note(attrs: dict) -> None:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    df = results.load(args.path)
+    df = _load(args)
     long = analysis.main_table(df, split=args.split, exclude_collapsed=args.exclude_collapsed)
     counts = sorted(set(long["count"]))
     seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
@@ -136,7 +153,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from metakd.report import plots  # matplotlib only when plotting
 
-    df = results.load(args.path)
+    df = _load(args)
     out = args.out or f"{args.figure}.png"
     skip = args.exclude_collapsed
     if args.figure == "fig3":
@@ -155,7 +172,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    df = results.load(args.path)
+    df = _load(args)
     long = analysis.main_table(df, split=args.split, exclude_collapsed=args.exclude_collapsed)
     comparisons = {
         b: analysis.compare_methods(df, args.method, b, args.split, exclude_collapsed=args.exclude_collapsed)
@@ -203,7 +220,7 @@ def with_comparisons(wide: pd.DataFrame, method: str, comparisons: dict[str, pd.
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    df = results.load(args.path)
+    df = _load(args)
     for i, baseline in enumerate(args.baseline):
         cmp = analysis.compare_methods(df, args.method, baseline, args.split, by=args.by,
                                        exclude_collapsed=args.exclude_collapsed)

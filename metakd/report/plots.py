@@ -1,7 +1,8 @@
 """Figure 3, Figure 4 and the student-size plot from the tables of ``metakd.report.analysis``.
 
 Each function draws on a standalone Agg figure (no pyplot state, works headless), saves
-``out`` as PNG (dpi 150) and the same stem as PDF, and returns the Figure.
+``out`` as PNG (dpi 150) and the same stem as PDF (or, for another suffix such as ``.svg``,
+in that format alone; :func:`output_paths`), and returns the Figure.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ from metakd.report.analysis import AVERAGE
 _LEGEND = dict(bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0.0, frameon=False)
 
 
-def output_paths(out: str | Path) -> tuple[Path, Path]:
-    """(PNG, PDF) paths written for ``out``: ``fig3.png`` -> ``fig3.png``, ``fig3.pdf``."""
+def output_paths(out: str | Path) -> tuple[Path, ...]:
+    """The files written for ``out``: ``fig3.png`` (or ``fig3.pdf``, ``fig3``) -> ``fig3.png``, ``fig3.pdf``;
+    another format matplotlib writes keeps its suffix and is written alone (``fig.svg`` -> ``fig.svg``).
+    A suffix that is no image format is part of the name (``fig.v2`` -> ``fig.v2.png``, ``fig.v2.pdf``)."""
     out = Path(out)
-    stem = out.with_suffix("") if out.suffix.lower() in (".png", ".pdf") else out
+    suffix = out.suffix.lower()
+    if suffix not in (".png", ".pdf") and suffix[1:] in FigureCanvasAgg.get_supported_filetypes():
+        return (out,)
+    stem = out.with_suffix("") if suffix in (".png", ".pdf") else out
     return stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")
 
 
@@ -33,10 +39,9 @@ def _figure() -> tuple[Figure, object]:
 
 
 def _save(fig: Figure, out: str | Path) -> Figure:
-    png, pdf = output_paths(out)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=150, bbox_inches="tight")
-    fig.savefig(pdf, bbox_inches="tight")
+    for path in output_paths(out):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150, bbox_inches="tight")  # dpi only matters for raster formats
     return fig
 
 
@@ -111,8 +116,17 @@ def plot_fig4(table: pd.DataFrame, out: str | Path) -> Figure:
     return _save(fig, out)
 
 
+# how each kind of student is drawn on the size plot: dense, and the prune structures (cap-pruning spec)
+_SIZE_STYLES = {"dense": ("o", "C0", "dense students"), "unstructured": ("s", "C1", "pruned: unstructured"),
+                "heads_ffn": ("^", "C2", "pruned: heads + FFN neurons")}
+# what a pruned student's latency measured (metakd.train.pruned)
+_LATENCY_NOTES = {"dense_masked": " (zeros in dense matrices)", "physical": " (pruned units removed)"}
+
+
 def plot_sizes(table: pd.DataFrame, out: str | Path) -> Figure:
-    """Accuracy (%) vs student parameters (millions, log x), from ``analysis.student_size_table``."""
+    """Accuracy (%) vs nonzero student parameters (millions, log x), from ``analysis.student_size_table``:
+    dense students (their parameters) and pruned ones (the parameters pruning left) on one axis,
+    one marker per kind."""
     _check(table, ["label", "mean", "std", "student_params"], "plot_sizes")
     if table["student_params"].isna().any():
         missing = ", ".join(map(str, table.loc[table["student_params"].isna(), "label"]))
@@ -120,16 +134,22 @@ def plot_sizes(table: pd.DataFrame, out: str | Path) -> Figure:
     method = table.attrs.get("method", "metakd")
     split = table.attrs.get("split", "test")
     fig, ax = _figure()
-    params = table["student_params"].to_numpy(float) / 1e6
+    x_column = "student_nonzero_params" if "student_nonzero_params" in table else "student_params"
+    params = table[x_column].fillna(table["student_params"]).to_numpy(float) / 1e6
     mean = table["mean"].to_numpy(float) * 100
     std = np.nan_to_num(table["std"].to_numpy(float) * 100)
-    ax.errorbar(
-        params, mean, yerr=std, fmt="o", capsize=3, color="C0", label=f"{method} (mean ± std over seeds)"
-    )
+    kinds = table["kind"].fillna("dense") if "kind" in table else pd.Series(["dense"] * len(table))
+    for kind, (marker, color, name) in _SIZE_STYLES.items():
+        at = (kinds == kind).to_numpy()
+        if at.any():
+            ax.errorbar(params[at], mean[at], yerr=std[at], fmt=marker, capsize=3, color=color,
+                        label=f"{method}, {name} (mean ± std over seeds)")
     latency = table["latency_ms_b1"] if "latency_ms_b1" in table else pd.Series([np.nan] * len(table))
+    latency_kind = table["latency_kind"] if "latency_kind" in table else pd.Series([None] * len(table))
     previous = -np.inf
-    for x, y, label, ms in zip(params, mean, table["label"], latency):
-        text = label if pd.isna(ms) else f"{label}\n{ms:.1f} ms at batch 1"
+    for x, y, label, ms, how in zip(params, mean, table["label"], latency, latency_kind):
+        note = _LATENCY_NOTES.get(how, "") if isinstance(how, str) else ""
+        text = label if pd.isna(ms) else f"{label}\n{ms:.1f} ms at batch 1{note}"
         # below a point that is lower than its smaller neighbour: close sizes (4L-256, 4L-312) do not collide
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 6 if y >= previous else -24), fontsize=8)
         previous = y
@@ -141,7 +161,8 @@ def plot_sizes(table: pd.DataFrame, out: str | Path) -> Figure:
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.margins(y=0.15)
-    ax.set_xlabel("Student parameters (millions)")
+    pruned = bool((kinds != "dense").any())
+    ax.set_xlabel("Student parameters, nonzero (millions)" if pruned else "Student parameters (millions)")
     ax.set_ylabel("Accuracy (%)")
     ax.set_title(f"Student size vs accuracy ({split}, average over domains)")
     ax.grid(True, alpha=0.3)

@@ -27,6 +27,7 @@ import numbers
 import posixpath
 import re
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +78,25 @@ RESULT_SCHEMA = pa.schema(
         ("train_seconds", _F),
         ("student_params", _I),
         ("teacher_params", _I),
-        ("latency_ms_b1", _F),
+        ("latency_ms_b1", _F),  # ms per example of an inference forward at batch 1 (median timed pass)
         ("latency_ms_b32", _F),
+        ("latency_precision", _S),  # fp32 | bf16: the autocast the latency passes ran in (the student's)
+        ("latency_warmup", _I),  # untimed passes before the timed ones, per batch size
+        ("latency_repeats_b1", _I),  # timed passes behind latency_ms_b1
+        ("latency_repeats_b32", _I),
+        ("latency_shared", _B),  # the GPU was shared with other workers (a GPU fraction < 1); null on a CPU
+        # pruned students (student.prune, cap-pruning spec §4); null for a dense student except latency_kind
+        ("latency_kind", _S),  # dense | dense_masked (zeros in dense matrices) | physical (pruned units removed)
+        ("prune_structure", _S),  # unstructured | heads_ffn
+        ("prune_criterion", _S),  # movement | soft_movement | magnitude | first_order
+        ("prune_target", _F),  # the configured sparsity
+        ("prune_contrastive", _S),  # the contrastive modules, e.g. "prc+snc+fic"; "none" for none
+        ("prune_achieved", _F),  # share of the six matrices' weights removed (soft_movement: set by training)
+        ("encoder_remaining", _F),  # share of the transformer layers' parameters left, as the CAP paper counts
+        ("student_nonzero_params", _I),  # inference parameters less the pruned ones; dense: = student_params
+        ("heads_kept", _I),
+        ("ffn_kept", _I),
+        ("error", _S),  # status failed: why (e.g. the job ran out of GPU memory); null otherwise
         ("device", _S),
         ("dataset", _S),
         ("search_params", _S),  # JSON object of the trial's searched values
@@ -93,7 +111,7 @@ CURVE_SCHEMA = pa.schema(
         ("seed", _I),
         ("method", _S),
         ("domain", _S),  # target domain, or "all" for a teacher trained on every domain
-        ("stage", _S),  # "teacher" | "stage1" | "stage2" | "joint" | "finetune"
+        ("stage", _S),  # "teacher" | "stage1" | "stage2" | "joint" | "finetune" | "prune"
         ("epoch", _I),
         ("step", _I),
         ("train_loss", _F),
@@ -106,13 +124,18 @@ CURVE_SCHEMA = pa.schema(
 SCHEMAS: dict[str, pa.Schema] = {"results": RESULT_SCHEMA, "curves": CURVE_SCHEMA}
 
 # Columns added after the first release: parts written before them read as null there.
-ADDED_LATER = {"results": ("majority_rate", "collapsed", "student_key", "reused_from")}
+ADDED_LATER = {"results": ("majority_rate", "collapsed", "student_key", "reused_from", "latency_precision",
+                           "latency_warmup", "latency_repeats_b1", "latency_repeats_b32", "latency_shared",
+                           "error", "latency_kind", "prune_structure", "prune_criterion", "prune_target",
+                           "prune_contrastive", "prune_achieved", "encoder_remaining", "student_nonzero_params",
+                           "heads_kept", "ffn_kept")}
 
 # Columns with a closed set of values: a typo here would silently drop rows from analyses.
 _ALLOWED = {
     "status": ("ok", "failed"),
     "split": ("dev", "test"),
-    "stage": ("teacher", "stage1", "stage2", "joint", "finetune"),
+    "stage": ("teacher", "stage1", "stage2", "joint", "finetune", "prune"),
+    "latency_kind": ("dense", "dense_masked", "physical"),
 }
 
 _PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]{0,199}$")
@@ -246,11 +269,19 @@ def _int_as_nullable(typ: pa.DataType):
     return pd.Int64Dtype() if pa.types.is_int64(typ) else None
 
 
-def load(path_or_uri: str, table: str = "results") -> pd.DataFrame:
+class CorruptPartWarning(UserWarning):
+    """A part of a table could not be read and was skipped (``load(..., strict=True)`` raises instead)."""
+
+
+def load(path_or_uri: str, table: str = "results", strict: bool = False) -> pd.DataFrame:
     """Read every part of a table into one DataFrame typed per the schema.
 
     ``path_or_uri`` is the sweep directory, its ``<table>/`` directory, or one .parquet file.
     Temporary files of an unfinished write are ignored and exact duplicate rows dropped.
+    A part of a directory that cannot be read (truncated, not Parquet, not this table's columns)
+    is skipped with a :class:`CorruptPartWarning` naming it, and listed as (path, reason) in
+    ``df.attrs["skipped_parts"]``, so one bad file never hides the rest; ``strict=True`` raises
+    ``ValueError`` instead. One named .parquet file that cannot be read always raises.
     """
     schema = _schema(table)
     fs, path = _resolve(path_or_uri)
@@ -269,18 +300,35 @@ def load(path_or_uri: str, table: str = "results") -> pd.DataFrame:
             f"(looked for {table}/*.parquet, *.parquet, or a .parquet file)"
         )
 
-    tables = []
+    tables, skipped = [], []
     for f in files:
-        t = pq.read_table(f, filesystem=fs)
-        for name in ADDED_LATER.get(table, ()):
-            if name not in t.column_names:
-                t = t.append_column(name, pa.nulls(len(t), schema.field(name).type))
-        missing = [n for n in schema.names if n not in t.column_names]
-        if missing:
-            raise ValueError(f"{f} lacks column(s) {missing}: is it a {table!r} part?")
-        tables.append(t.select(schema.names).cast(schema))
+        try:
+            tables.append(_read_part(fs, f, table))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            if strict or info.type == pafs.FileType.File:
+                raise ValueError(f"{f}: cannot read this {table} part: {e}") from None
+            reason = " ".join(str(e).split())
+            skipped.append((f, reason))
+            warnings.warn(f"skipped corrupt {table} part {f}: {reason}", CorruptPartWarning, stacklevel=2)
+    if not tables:
+        raise ValueError(f"no readable {table} parquet parts at {path_or_uri!r}: all {len(files)} are corrupt "
+                         f"(first: {skipped[0][0]}: {skipped[0][1]})")
     df = pa.concat_tables(tables).to_pandas(types_mapper=_int_as_nullable)
-    return df.drop_duplicates().reset_index(drop=True)
+    df = df.drop_duplicates().reset_index(drop=True)
+    df.attrs["skipped_parts"] = skipped
+    return df
+
+
+def _read_part(fs: pafs.FileSystem, f: str, table: str) -> pa.Table:
+    schema = _schema(table)
+    t = pq.read_table(f, filesystem=fs)
+    for name in ADDED_LATER.get(table, ()):
+        if name not in t.column_names:
+            t = t.append_column(name, pa.nulls(len(t), schema.field(name).type))
+    missing = [n for n in schema.names if n not in t.column_names]
+    if missing:
+        raise ValueError(f"{f} lacks column(s) {missing}: is it a {table!r} part?")
+    return t.select(schema.names).cast(schema)
 
 
 def load_curves(path_or_uri: str) -> pd.DataFrame:

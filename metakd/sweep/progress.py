@@ -24,10 +24,12 @@ TRIAL_PREFIX = "trial_driver_"
 
 def training_line(record: dict, done: int, needed: int) -> str:
     """``teacher meta seed=0: dev 91.7% in 5.2s (teachers 1/3 done)``: one finished training
-    (a registry record), with how many of its kind are done so far out of those the trials need."""
+    (a registry record), with how many teachers (or students) are done so far out of those the trials need."""
     took = f"{record.get('train_seconds', record['end'] - record['start']):.1f}s"
     dev = record.get("dev_accuracy")
     dev = f"dev {dev:.1%}" if isinstance(dev, float) else "dev -"
+    if record.get("status", "ok") != "ok":  # a job that failed on its own (out of memory): its error names it
+        dev = f"FAILED ({record.get('error')})"
     if record.get("type") == "teacher":
         what = f"teacher {record['kind']}{':' + record['domain'] if record.get('domain') else ''} seed={record['seed']}"
         return f"{what}: {dev} in {took}  (teachers {done}/{needed} done)"
@@ -102,9 +104,9 @@ class SweepConsole(Callback):
         except Exception:  # the registry is gone (Ray shutting down): nothing more to print
             return
         for i, record in enumerate(records):
-            kind = record.get("type", "student")
-            c = self.counts.get(kind, {})
-            later = sum(r.get("type", "student") == kind for r in records[i + 1:])
+            artifact = record.get("type", "student")
+            c = self.counts.get(artifact, {})
+            later = sum(r.get("type", "student") == artifact for r in records[i + 1:])
             self.out(training_line(record, c.get("done", 0) - later, c.get("needed", 0)))
 
     def on_step_end(self, iteration, trials, **info):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 
-from ..config import ExperimentConfig, ParamSpec, from_dict, resolve_param_path, set_path
+from ..config import ExperimentConfig, ParamSpec, resolve_param_path, set_path
 
 
 def encode_value(value):
@@ -86,9 +86,9 @@ def make_search(cfg: ExperimentConfig, seed: int = 0):
     return {}, OptunaSearch(space=DefineByRun(s.params), metric=s.metric, mode=s.mode, sampler=sampler)
 
 
-def trial_config(base: dict, searched: dict) -> ExperimentConfig:
-    """The resolved experiment of one trial: the base YAML with the searched values applied."""
-    cfg = from_dict(copy.deepcopy(base))
+def trial_config(base: ExperimentConfig, searched: dict) -> ExperimentConfig:
+    """The resolved experiment of one trial: a copy of the sweep's config with the searched values applied."""
+    cfg = copy.deepcopy(base)
     for name, value in searched.items():
         set_path(cfg, resolve_param_path(name), decode_value(value))
     cfg.search = None

@@ -11,7 +11,7 @@ The three roles of Ray's Tune-over-Train pattern, under these names:
 Layout under ``<storage>/<name>/``: ``data/``, ``teachers/`` and ``students/`` (content-addressed
 artifacts), ``results/`` and ``curves/`` (Parquet, one part per trial), ``tune/`` (Tune's
 experiment state), ``train/`` (Ray Train run state), ``events/`` (one file per teacher or
-student training).
+student training), ``sweep_config.json``, ``_running.json`` and ``previous/`` (``metakd.sweep.identity``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from ..jobs.registry import sweep_registry
 from ..report import analysis, results
 from ..report.rows import curve_rows, result_rows, running_metrics
 from ..storage import Store, is_uri
+from .. import tracking
+from .identity import SweepLock, archive_run, check_config
 from .progress import SweepConsole
 from .space import make_search, trial_config
 
@@ -43,16 +45,19 @@ def sweep_root(storage: str, name: str) -> str:
     return str(Path(os.path.expanduser(storage)).resolve() / name)
 
 
-def trial_driver(params: dict, base: dict, sweep: str, root: str) -> None:
-    """Per-trial driver (Tune function trainable): one configuration, all its seeds and methods."""
+def trial_driver(params: dict, base: ExperimentConfig, sweep: str, root: str, trackers: dict | None = None) -> None:
+    """Per-trial driver (Tune function trainable): one configuration, all its seeds and methods.
+    ``trackers``: the experiment trackers its trainings log to (``metakd.tracking.resolve``)."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
     # Parts are named by the configuration, not the trial id: a configuration rerun after a
     # driver crash (even one Tune had not checkpointed yet) replaces its rows instead of adding.
     part = f"cfg-{content_hash(params)}"
+    tracked = tracking.for_trial(trackers, sweep, tune.get_context().get_trial_name(), trial_id, part) \
+        if trackers else None
     cfg = trial_config(base, params)
-    resources = ResourcesConfig(**base["search"]["resources"])
+    resources = base.search.resources
     store = Store(root)
     registry = sweep_registry(sweep, owner=trial_id)
     runner = RayRunner(resources, storage_path=f"{root}/train")
@@ -67,7 +72,7 @@ def trial_driver(params: dict, base: dict, sweep: str, root: str) -> None:
 
     try:
         out = run_experiment(cfg, store, registry, runner, log, on_students=on_students,
-                             source={"trial_id": trial_id, "part": part}, run_prefix=trial_id)
+                             source={"trial_id": trial_id, "part": part}, run_prefix=trial_id, tracking=tracked)
     except Exception:
         results.write_part(root, _finished_rows(root, part) + _failed_rows(cfg, sweep, trial_id, params), part)
         raise
@@ -75,15 +80,17 @@ def trial_driver(params: dict, base: dict, sweep: str, root: str) -> None:
         registry.close()
     # the results part is already complete: on_students rewrote it after every student
     results.write_part(root, curve_rows(sweep, trial_id, out["students"], out["teachers_trained"]), part, "curves")
+    tracking.link_teachers(tracked, out["teacher_keys"])
     final = running_metrics(out["students"], cfg.methods)
     tune.report({**final, "teachers_trained": len(out["teachers_trained"]), "done": True})
 
 
 def _finished_rows(root: str, part: str) -> list[dict]:
-    """Rows the student worker already wrote for this part (students that finished before the failure)."""
+    """Rows this trial's driver already wrote for this part (``on_students``: the students that
+    finished before the failure)."""
     try:
         return results.load(f"{root}/results/{part}.parquet").to_dict("records")
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):  # none yet, or unreadable: the failed rows replace it
         return []
 
 
@@ -130,16 +137,16 @@ def driver_resources() -> dict:
     return {"CPU": 1}
 
 
-def build_tuner(cfg: ExperimentConfig, sweep: str, root: str, verbose: bool = False):
+def build_tuner(cfg: ExperimentConfig, sweep: str, root: str, verbose: bool = False, trackers: dict | None = None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     s = cfg.search
-    base = cfg.to_dict()
     trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, base=base, sweep=sweep, root=root), driver_resources())
+        tune.with_parameters(trial_driver, base=cfg, sweep=sweep, root=root, trackers=trackers), driver_resources())
     # verbose: Tune's own table and result blocks; else only SweepConsole's (Tune's reporter silent)
     console = SweepConsole(sweep, s.metric, list(s.params), table_every_s=float("inf") if verbose else 30.0)
+    callbacks = [console, *tracking.tune_callbacks(trackers or {}, sweep)]
     tune_dir = f"{root}/tune"
     if tune.Tuner.can_restore(tune_dir):
         print(f"resuming sweep '{sweep}' from {tune_dir}", flush=True)
@@ -147,7 +154,7 @@ def build_tuner(cfg: ExperimentConfig, sweep: str, root: str, verbose: bool = Fa
         # the restored RunConfig is the first run's: take this run's console and verbosity
         run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
         if run_config is not None:
-            run_config.callbacks, run_config.verbose = [console], int(verbose)
+            run_config.callbacks, run_config.verbose = callbacks, int(verbose)
         return tuner
     param_space, search_alg = make_search(cfg)
     scheduler = None
@@ -159,13 +166,16 @@ def build_tuner(cfg: ExperimentConfig, sweep: str, root: str, verbose: bool = Fa
         metric=s.metric, mode=s.mode, search_alg=search_alg, scheduler=scheduler, num_samples=s.num_samples,
         max_concurrent_trials=s.resources.max_concurrent_trials,
     )
-    run_config = tune.RunConfig(name="tune", storage_path=root, verbose=int(verbose), callbacks=[console],
+    run_config = tune.RunConfig(name="tune", storage_path=root, verbose=int(verbose), callbacks=callbacks,
                                 failure_config=tune.FailureConfig(max_failures=0))
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
 
 def run_sweep(cfg: ExperimentConfig, address: str | None = None, storage: str | None = None,
-              name: str | None = None, yaml_path: str | None = None, verbose: bool = False) -> int:
+              name: str | None = None, yaml_path: str | None = None, verbose: bool = False,
+              restart: bool = False) -> int:
+    """Run (or resume) the sweep; refuses, before Ray starts, a second driver of the same sweep and a
+    rerun whose configuration differs from the stored one (``restart``: move the old run aside)."""
     sweep = name or cfg.name
     storage = storage or cfg.search.storage
     if not is_uri(storage) and (address or os.environ.get("RAY_ADDRESS")) and not storage.startswith("/"):
@@ -173,22 +183,32 @@ def run_sweep(cfg: ExperimentConfig, address: str | None = None, storage: str | 
               f"storage (s3://, gs://, or an NFS path mounted on every node)", flush=True)
     cfg.search.storage = storage
     root = sweep_root(storage, sweep)
+    # before any work: a tracker that is not installed, or has no default for a remote storage, fails here
+    trackers = tracking.resolve(cfg.search.tracking, sweep, None if is_uri(storage) else root)
     # Save Tune's experiment state often: a driver killed between saves reruns those trials.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     if not verbose:
         # Tune's reporter prints an experiment banner even when silent; the legacy one does not
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     start = time.perf_counter()
-    print(f"metakd sweep '{sweep}' ({yaml_path or 'config'}): {cfg.search.algorithm}, "
+    print(f"metakd sweep '{sweep}' ({yaml_path or 'config'}): {cfg.search.algorithm} "
+          f"(num_samples {cfg.search.num_samples}), "
           f"{len(cfg.search.params)} searched parameters {sorted(cfg.search.params)}, methods {cfg.methods}, "
           f"seeds {cfg.seeds}; storage {root}", flush=True)
-    print(connect(address, cfg.search.resources, verbose), flush=True)
-    registry = sweep_registry(sweep, owner="sweep")
-    registry.reset()
-    tuner = build_tuner(cfg, sweep, root, verbose)
-    grid = tuner.fit()
+    store = Store(root)
+    with SweepLock(store, sweep):  # before the registry's reset: it would wipe a running driver's claims
+        if restart:
+            moved = archive_run(store)
+            print(f"restart: the previous run moved to {moved}" if moved else "restart: no previous run", flush=True)
+        print(check_config(store, cfg, sweep), flush=True)
+        print(connect(address, cfg.search.resources, verbose), flush=True)
+        registry = sweep_registry(sweep, owner="sweep")
+        registry.reset()
+        tuner = build_tuner(cfg, sweep, root, verbose, trackers)
+        grid = tuner.fit()
     errors = [r for r in grid if r.error is not None]
     print_summary(cfg, sweep, root, grid, time.perf_counter() - start)
+    tracking.log_sweep_artifacts(trackers, root, sweep, cfg.students.keep == "all")
     if errors:
         print(f"{len(errors)} trial(s) failed; rerun the same command to retry them (--verbose shows the "
               f"workers' output)", file=sys.stderr)

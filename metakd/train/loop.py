@@ -5,6 +5,13 @@ Methods differ only in ``loss_step(model, batch) -> scalar loss``.
 
 The loss stays on the device between log lines: reading it (``float``) waits for the GPU,
 so it is read only when a progress line is due and at the end of an epoch.
+
+The same reads check that the training loss is finite, without a host sync per step: the
+epoch's running sum is NaN or infinite as soon as one step's loss was. A non-finite loss stops
+the stage with :class:`NonFiniteLoss` at the next progress line (one worker; at most
+``LOG_EVERY_S`` later) or at the end of the epoch (every worker: the ranks agree in one
+all-reduce, so they stop together). The steps in between are wasted, never kept: a NaN loss
+makes NaN gradients, then NaN weights.
 """
 
 from __future__ import annotations
@@ -19,13 +26,24 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_constant_schedule, get_linear_schedule_with_warmup
 
 from .precision import autocast
 from .runtime import LocalRuntime, unwrap
 
 LOG_EVERY_S = 30.0
 BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels", "domains", "index")
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The training loss of one training (``tag``: which one) became NaN or infinite. Its result
+    would be noise: the training stops, and the job is recorded as failed with this message."""
+
+    def __init__(self, tag: str, stage: str, epoch: int, epochs: int, loss: float):
+        self.tag = tag
+        value = f"{loss}" if not math.isfinite(loss) else "not finite on another worker"
+        super().__init__(f"{tag}: the training loss is {value} in {stage} epoch {epoch}/{epochs}: training "
+                         f"stopped (a learning rate or a loss weight too large for this precision?)")
 
 
 def to_device(batch: dict, device) -> dict:
@@ -43,6 +61,7 @@ class StageSettings:
     max_grad_norm: float = 1.0
     checkpoint_interval_s: float = 0.0  # resumable checkpoints at most this often (runtimes with epoch_checkpoints)
     precision: str = "fp32"  # auto | fp32 | bf16: the autocast of forward + loss (metakd.train.precision)
+    schedule: str = "linear"  # linear: warmup_ratio warmup then linear decay to 0 | constant: lr throughout
 
 
 @dataclass
@@ -138,7 +157,10 @@ def train_stage(
     step_loss = runtime.distribute(LossOf(model, loss_step))
     opt = optimizer_for(model, settings.lr, settings.weight_decay, device, params)
     steps = max(1, settings.epochs * len(train_loader))
-    sched = get_linear_schedule_with_warmup(opt, math.ceil(settings.warmup_ratio * steps), steps)
+    if settings.schedule == "constant":  # the released code's stage 1 (distill.stage1_schedule)
+        sched = get_constant_schedule(opt)
+    else:
+        sched = get_linear_schedule_with_warmup(opt, math.ceil(settings.warmup_ratio * steps), steps)
     start_epoch, best_dev, best_epoch, best_state, curve, epoch_examples = 0, -1.0, -1, None, [], []
     ckpt_name = f"{tag}/{settings.name}"
     restored = _restore(runtime, ckpt_name)
@@ -174,8 +196,13 @@ def train_stage(
             step += 1
             if time.perf_counter() - last_log > LOG_EVERY_S:  # long epochs: show they are moving
                 last_log = time.perf_counter()
+                so_far = float(running) / n
+                if runtime.world_size == 1 and not math.isfinite(so_far):  # ranks check together, below
+                    raise NonFiniteLoss(tag, settings.name, epoch + 1, settings.epochs, so_far)
                 runtime.log(f"[{tag}] {settings.name} epoch {epoch + 1}/{settings.epochs} "
-                            f"step {n}/{len(train_loader)} loss {float(running) / n:.4f}")
+                            f"step {n}/{len(train_loader)} loss {so_far:.4f}")
+        if runtime.any_rank(~torch.isfinite(running)):  # a collective: every rank reaches it
+            raise NonFiniteLoss(tag, settings.name, epoch + 1, settings.epochs, float(running) / max(n, 1))
         last = epoch == settings.epochs - 1
         # a stage that keeps its last epoch needs no dev accuracy before it
         evaluated = dev_loader is not None and (settings.keep_best or last)
@@ -185,6 +212,7 @@ def train_stage(
         point = {"stage": settings.name, "epoch": epoch + 1, "step": step,
                  "train_loss": float(running) / max(n, 1), "dev_accuracy": dev, "seconds": time.perf_counter() - t0}
         curve.append(point)
+        runtime.track(point)
         if settings.keep_best and dev > best_dev:
             best_dev, best_epoch = dev, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

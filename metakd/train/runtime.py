@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..loader import make_loader, per_worker_batch
+from .precision import use_tf32
 
 
 class LocalRuntime:
@@ -23,12 +24,17 @@ class LocalRuntime:
     rank = 0
     world_size = 1
     epoch_checkpoints = False  # report a resumable checkpoint after every epoch
+    tracker = None  # the experiment trackers of the training under way (metakd.tracking.track_training sets it)
 
-    def __init__(self, device: str = "auto", log=print):
+    def __init__(self, device: str = "auto", log=print, gpu_share: float = 1.0):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.log = log
+        # the fraction of its GPU this worker was given (search.resources.student_gpus_per_worker:
+        # 0.25 = four workers on one GPU); 1 for a whole GPU or a CPU. Sizes the teacher cache.
+        self.gpu_share = gpu_share
+        use_tf32(self.device)
 
     @property
     def is_main(self) -> bool:
@@ -70,8 +76,22 @@ class LocalRuntime:
             return bool(t.item())
         return flag
 
+    def any_rank(self, flag: torch.Tensor) -> bool:
+        """Whether the one-element tensor ``flag`` (on this rank's device) is true on some rank: one
+        all-reduce that every rank must reach, then one host read."""
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            t = flag.reshape(1).to(torch.int32)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return bool(t.item())
+        return bool(flag)
+
     def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
         pass
+
+    def track(self, point: dict) -> None:
+        """One finished epoch (a ``train_stage`` curve point) to the experiment trackers, as it happens."""
+        if self.tracker is not None and self.is_main:
+            self.tracker.epoch(point)
 
     def restored_dir(self) -> str | None:
         return None
@@ -80,7 +100,7 @@ class LocalRuntime:
 class RayRuntime(LocalRuntime):
     """Inside ``TorchTrainer`` (which set up the process group): ``ray.train.report`` with checkpoints."""
 
-    def __init__(self, epoch_checkpoints: bool = True, log=print):
+    def __init__(self, epoch_checkpoints: bool = True, log=print, gpu_share: float = 1.0):
         import logging
 
         import ray.train
@@ -96,6 +116,8 @@ class RayRuntime(LocalRuntime):
         self.device = ray.train.torch.get_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL collectives (agree, DDP) run on this worker's GPU
+        self.gpu_share = gpu_share
+        use_tf32(self.device)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self._restored = None
         self.epoch_checkpoints = epoch_checkpoints
@@ -115,10 +137,11 @@ class RayRuntime(LocalRuntime):
         return self._restored
 
 
-def make_runtime(kind: str, device: str = "auto", epoch_checkpoints: bool = True) -> LocalRuntime:
+def make_runtime(kind: str, device: str = "auto", epoch_checkpoints: bool = True,
+                 gpu_share: float = 1.0) -> LocalRuntime:
     if kind == "ray":
-        return RayRuntime(epoch_checkpoints)
-    return LocalRuntime(device)
+        return RayRuntime(epoch_checkpoints, gpu_share=gpu_share)
+    return LocalRuntime(device, gpu_share=gpu_share)
 
 
 def unwrap(model):

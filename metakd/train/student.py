@@ -17,20 +17,43 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ExperimentConfig
-from ..data import make_loader
+from ..loader import make_loader
 from ..losses import (attention_mse, domain_expertise_weights, hidden_mse, layer_map, pred_divergence,
                       soft_cross_entropy, tkd_loss, weighted_mean)
 from ..methods import METHODS
-from ..models import build_student, build_teacher, load_model, measure_latency
+from ..models import Latency, build_student, build_teacher, load_model, measure_latency, save_model
 from .loop import StageSettings, evaluate, majority_rate, train_stage
+from .precision import autocast, resolve as resolve_precision
 from .runtime import unwrap
-from .teacher_cache import TeacherOutputs, TeacherStates, teacher_caches
+from .teacher_cache import TeacherOutputs, TeacherStates, free_device_memory, teacher_caches
+
+
+@dataclass(frozen=True)
+class StudentJob:
+    """One student to train: ``method`` on the target ``domain`` with ``seed``, distilled from the
+    teacher ``teacher_key`` published at ``teacher_rel`` (both None for student_ft). ``key`` is a
+    content hash of everything that determines the result (``metakd.jobs.experiment.student_identity``),
+    published at ``rel``."""
+
+    method: str
+    domain: str
+    seed: int
+    key: str
+    teacher_key: str | None = None
+    teacher_rel: str | None = None
+    precision: str | None = None  # fp32 | bf16, resolved where it was planned and in the key; None: cfg.precision
+
+    @property
+    def rel(self) -> str:
+        return f"students/{self.key}"
+
 
 class Distiller:
     """The loss steps of distillation: L_KD = (1/N) sum_i lambda_i (L_embd + L_hidn + L_attn + L_pred + gamma2 L_TKD).
@@ -38,27 +61,56 @@ class Distiller:
     The teacher's side of each batch comes from ``outputs`` (logits, r_T) and ``states`` (hidden
     states, attention maps) when they are given (:mod:`metakd.train.teacher_cache`), else from a
     teacher forward. Loss inputs are cast to fp32 whatever precision the forward ran in.
+
+    The released code's forms (``distill``): ``attention: scores`` fits pre-softmax scores in L_attn
+    (the default; ``probs``: probabilities); ``pred_weighting: none`` adds mean_i L_pred,i instead of
+    weighting it by lambda_i; ``tkd: pre_tanh_shared`` adds gamma2 mean(lambda) mean_i L_TKD,i on the
+    pre-tanh r(x), the student's mapped by W_h.
     """
 
     def __init__(self, teacher, student, cfg: ExperimentConfig, meta: bool, scores: torch.Tensor | None,
-                 outputs: TeacherOutputs | None = None, states: TeacherStates | None = None):
+                 outputs: TeacherOutputs | None = None, states: TeacherStates | None = None, log=print):
         d = cfg.distill
-        self.teacher, self.meta, self.scores = teacher, meta, scores
+        self.teacher, self.meta, self.scores, self.log = teacher, meta, scores, log
         self.outputs, self.states = outputs, states
         self.gamma2 = d.gamma2 if meta else 0.0
         self.temperature, self.pred_loss = d.temperature, d.pred_loss
+        self.attention, self.pred_weighting, self.tkd = d.attention, d.pred_weighting, d.tkd
+        if states is not None and states.attention_mode != self.attention:
+            raise ValueError(f"the cached teacher states hold attention {states.attention_mode}, but "
+                             f"distill.attention is {self.attention}")
         self.layers = layer_map(unwrap(student).num_layers, teacher.num_layers, d.layer_map)
 
     def _targets(self, batch, states: bool) -> SimpleNamespace:
-        """logits, domain_repr and (with ``states``) hidden_states / attentions of the teacher for ``batch``."""
+        """The teacher's side of ``batch`` (:meth:`_teacher_side`). When the device runs out of memory
+        while the cache is in use, the cache is dropped (said once) and the teacher runs from then on;
+        without a cache an out-of-memory error is the training step's own, and fails the job."""
+        try:
+            return self._teacher_side(batch, states)
+        except torch.cuda.OutOfMemoryError as e:
+            if self.outputs is None and self.states is None:
+                raise
+            message = str(e).splitlines()[0]
+        self.outputs = self.states = None
+        free_device_memory()
+        self.log(f"teacher cache: out of memory while using it ({message}): dropped, the teacher runs on every "
+                 f"batch from now on")
+        return self._teacher_side(batch, states)
+
+    def _teacher_side(self, batch, states: bool) -> SimpleNamespace:
+        """logits, domain_repr (r_T, or its pre-tanh value with ``tkd: pre_tanh_shared``) and (with
+        ``states``) hidden_states / attentions of the teacher for ``batch``."""
         t_out = None
+        pre_tanh = self.tkd == "pre_tanh_shared"
         if self.outputs is None or (states and self.states is None):
             with torch.no_grad():
-                t_out = self.teacher(**batch, output_states=states, layers=self.layers)
+                t_out = self.teacher(**batch, output_states=states, layers=self.layers, attention=self.attention)
         if self.outputs is not None:
             logits, domain_repr = self.outputs.lookup(batch["index"])
+            if pre_tanh:
+                domain_repr = self.outputs.domain_pre_tanh[batch["index"]]
         else:
-            logits, domain_repr = t_out.logits, t_out.domain_repr
+            logits, domain_repr = t_out.logits, t_out.domain_pre_tanh if pre_tanh else t_out.domain_repr
         hidden = attentions = None
         if states:
             if self.states is not None:
@@ -75,16 +127,41 @@ class Distiller:
             self.scores = self.scores.to(t.logits.device)  # once, not every step
         return domain_expertise_weights(t.logits, batch["labels"], self.scores[batch["index"]])
 
-    def _intermediate(self, model, s_out, t, mask) -> torch.Tensor:
-        student = unwrap(model)
-        proj = student.hidden_proj
+    def _layers(self, model, s_out, t, mask) -> torch.Tensor:
+        """L_embd + L_hidn + L_attn per example, [N]."""
+        proj = unwrap(model).hidden_proj
         per = hidden_mse(proj(s_out.hidden_states[0]).float(), t.hidden_states[0].float(), mask)  # L_embd
         for j, g in enumerate(self.layers, start=1):
             per = per + hidden_mse(proj(s_out.hidden_states[j]).float(), t.hidden_states[g].float(), mask)  # L_hidn
             per = per + attention_mse(s_out.attentions[j - 1].float(), t.attentions[g - 1].float(), mask)  # L_attn
-        if self.gamma2:
-            per = per + self.gamma2 * tkd_loss(student.repr_proj(s_out.domain_repr).float(), t.domain_repr)
         return per
+
+    def _tkd(self, model, s_out, t) -> torch.Tensor:
+        """L_TKD per example, [N]: MSE(r_S W_d, r_T), or (pre_tanh_shared) of the pre-tanh values through W_h."""
+        student = unwrap(model)
+        if self.tkd == "pre_tanh_shared":
+            return tkd_loss(student.hidden_proj(s_out.domain_pre_tanh).float(), t.domain_repr)
+        return tkd_loss(student.repr_proj(s_out.domain_repr).float(), t.domain_repr)
+
+    def _loss(self, model, s_out, t, batch, intermediate: bool, pred: bool) -> torch.Tensor:
+        """(1/N) sum_i lambda_i (L_layers,i + gamma2 L_TKD,i + L_pred,i), each term where asked for, except
+        pred_weighting none: + (1/N) sum_i L_pred,i; tkd pre_tanh_shared: + gamma2 mean(lambda) (1/N) sum_i L_TKD,i."""
+        w = self._weights(t, batch)
+        weighted, plain = torch.zeros_like(w), w.new_zeros(())
+        if intermediate:
+            weighted = weighted + self._layers(model, s_out, t, batch["attention_mask"])
+            if self.gamma2:
+                tkd = self._tkd(model, s_out, t)
+                if self.tkd == "pre_tanh_shared":
+                    plain = plain + self.gamma2 * w.mean() * tkd.mean()
+                else:
+                    weighted = weighted + self.gamma2 * tkd
+        if pred:
+            if self.pred_weighting == "none":
+                plain = plain + self._pred(s_out, t).mean()
+            else:
+                weighted = weighted + self._pred(s_out, t)
+        return weighted_mean(weighted, w) + plain
 
     def _pred(self, s_out, t) -> torch.Tensor:
         if self.pred_loss == "kl":  # the spec's soft cross-entropy: same gradient as KL(P||Q)
@@ -93,28 +170,30 @@ class Distiller:
 
     def stage1(self, model, batch):
         t = self._targets(batch, True)
-        s_out = model(**batch, output_states=True)
-        return weighted_mean(self._intermediate(model, s_out, t, batch["attention_mask"]), self._weights(t, batch))
+        s_out = model(**batch, output_states=True, attention=self.attention)
+        return self._loss(model, s_out, t, batch, intermediate=True, pred=False)
 
     def stage2(self, model, batch):
         t = self._targets(batch, False)
-        s_out = model(**batch)
-        return weighted_mean(self._pred(s_out, t), self._weights(t, batch))
+        return self._loss(model, model(**batch), t, batch, intermediate=False, pred=True)
 
     def joint(self, model, batch):
         t = self._targets(batch, True)
-        s_out = model(**batch, output_states=True)
-        per = self._intermediate(model, s_out, t, batch["attention_mask"]) + self._pred(s_out, t)
-        return weighted_mean(per, self._weights(t, batch))
+        s_out = model(**batch, output_states=True, attention=self.attention)
+        return self._loss(model, s_out, t, batch, intermediate=True, pred=True)
 
 
 def finetune_step(model, batch):
     return F.cross_entropy(model(**batch).logits, batch["labels"])
 
 
-def train_student(job: dict, cfg: ExperimentConfig, prepared, teacher_dir: str | None, runtime) -> dict:
-    """Train one student for ``job`` (method, domain, seed); returns accuracies, timings, sizes, curve."""
-    method, domain, seed = job["method"], job["domain"], job["seed"]
+def train_student(job: StudentJob, cfg: ExperimentConfig, prepared, teacher_dir: str | None, runtime,
+                  keep_dir: str | None = None) -> dict:
+    """Train one student for ``job`` from the teacher in ``teacher_dir``; returns accuracies, timings, sizes, curve.
+    With ``keep_dir``, the trained student is saved there too (:func:`keep_student`)."""
+    method, domain, seed = job.method, job.domain, job.seed
+    if job.precision is not None:  # the precision in its key, whatever this device would pick for auto
+        cfg = replace(cfg, precision=job.precision)
     expertise = METHODS[method].domain_expertise  # lambda_i and gamma2 L_TKD (metakd/methods.py)
     domains = prepared.data.domains
     k = domains.index(domain)
@@ -128,8 +207,15 @@ def train_student(job: dict, cfg: ExperimentConfig, prepared, teacher_dir: str |
         if expertise and os.path.exists(f"{teacher_dir}/scores.pt"):
             scores = torch.load(f"{teacher_dir}/scores.pt", map_location="cpu", weights_only=True)["scores"]
     vocab = len(prepared.tokenizer)
-    reference = teacher if teacher is not None else _shape_only_teacher(cfg, prepared)
-    model = runtime.prepare_model(build_student(cfg.student, reference, vocab, cfg.data.max_length, d.layer_map))
+    pruned = None
+    if cfg.student.prune is not None:  # a pruned student (metakd.train.pruned): the teacher's shape, masked
+        from .pruned import PrunedStudent  # it builds on the Distiller below
+
+        pruned = PrunedStudent(cfg, seed, k, prepared, teacher, runtime)
+        model = runtime.prepare_model(pruned.build())
+    else:
+        reference = teacher if teacher is not None else _shape_only_teacher(cfg, prepared)
+        model = runtime.prepare_model(build_student(cfg.student, reference, vocab, cfg.data.max_length, d.layer_map))
     train = prepared.train.for_domains([k])
     # d.batch_size is the global batch: every worker count takes the same steps over the same batches
     train_loader = runtime.train_loader(train, d.batch_size, seed, "distill.batch_size",
@@ -139,13 +225,15 @@ def train_student(job: dict, cfg: ExperimentConfig, prepared, teacher_dir: str |
     tag = f"student {method}:{domain} seed={seed}"
     curve, start = [], time.perf_counter()
 
-    def stage(name, epochs, lr, step, keep_best=True):
+    def stage(name, epochs, lr, step, keep_best=True, schedule="linear"):
         result = train_stage(model, step, train_loader, dev_loader, domains,
                              StageSettings(name, epochs, lr, d.warmup_ratio, d.weight_decay, keep_best,
-                                           precision=cfg.precision), runtime, tag)
+                                           precision=cfg.precision, schedule=schedule), runtime, tag)
         curve.extend(result.curve)
 
-    if teacher is None:
+    if pruned is not None:
+        pruned.train(model, teacher_dir, train, train_loader, dev_loader, tag, curve, expertise, scores)
+    elif teacher is None:
         stage("finetune", d.epochs, d.lr, finetune_step)
     else:
         # the frozen teacher computed once: stored outputs, and stage-1 states on the device when they fit
@@ -153,22 +241,27 @@ def train_student(job: dict, cfg: ExperimentConfig, prepared, teacher_dir: str |
         needs_states = d.schedule == "joint" or d.stage1_epochs > 0
         outputs, states = teacher_caches(teacher, teacher_dir, prepared, train, cfg, runtime, layers,
                                          unwrap(model).encoder.config.num_attention_heads, needs_states)
-        distiller = Distiller(teacher, model, cfg, expertise, scores, outputs, states)
+        distiller = Distiller(teacher, model, cfg, expertise, scores, outputs, states, log=runtime.log)
         if d.schedule == "joint":
             stage("joint", d.epochs, d.lr, distiller.joint)
         else:
             if d.stage1_epochs:
                 # the classifier is untrained in stage 1, so dev accuracy there means nothing: keep the last
-                stage("stage1", d.stage1_epochs, d.stage1_lr, distiller.stage1, keep_best=False)
+                stage("stage1", d.stage1_epochs, d.stage1_lr, distiller.stage1, keep_best=False,
+                      schedule=d.stage1_schedule)
             stage("stage2", d.stage2_epochs, d.stage2_lr, distiller.stage2)
     seconds = time.perf_counter() - start
     dev = evaluate(model, dev_loader, domains, runtime.device, cfg.precision)
     test = evaluate(model, test_loader, domains, runtime.device, cfg.precision)
     student = unwrap(model)
     sample = next(iter(make_loader(prepared.dev.for_domains([k]), 32, False, trim=False)))  # at max_length
-    latency = measure_latency(student, sample) if runtime.is_main else {1: float("nan"), 32: float("nan")}
+    timed = pruned.inference_model(student) if pruned is not None else student  # heads_ffn: the smaller copy
+    latency = measure_latency(timed, sample, autocast=lambda: autocast(cfg.precision, runtime.device)) \
+        if runtime.is_main else Latency({1: float("nan"), 32: float("nan")}, {1: 0, 32: 0}, 0)
+    if keep_dir is not None and runtime.is_main:
+        keep_student(student, job, cfg, prepared, keep_dir)
     return {
-        "method": method, "domain": domain, "seed": seed, "teacher_key": job.get("teacher_key"),
+        "method": method, "domain": domain, "seed": seed, "teacher_key": job.teacher_key,
         "dev_accuracy": dev["accuracy"][domain], "dev_loss": dev["loss"][domain],
         "test_accuracy": test["accuracy"][domain], "test_loss": test["loss"][domain],
         "dev_majority_rate": majority_rate(prepared.dev.for_domains([k]).labels),
@@ -178,9 +271,35 @@ def train_student(job: dict, cfg: ExperimentConfig, prepared, teacher_dir: str |
         "student_layers": student.num_layers, "student_hidden": student.hidden_size,
         "student_heads": student.encoder.config.num_attention_heads,
         "student_intermediate": student.encoder.config.intermediate_size,
-        "latency_ms_b1": latency[1], "latency_ms_b32": latency[32], "device": str(runtime.device),
+        "latency_ms_b1": latency.ms_per_example[1], "latency_ms_b32": latency.ms_per_example[32],
+        # how the latencies were measured: the precision the student runs in, timed passes, and whether
+        # other workers trained on the same GPU meanwhile (a GPU fraction; None on a CPU: not known)
+        "latency_precision": resolve_precision(cfg.precision, runtime.device), "latency_warmup": latency.warmup,
+        "latency_repeats_b1": latency.repeats[1], "latency_repeats_b32": latency.repeats[32],
+        "latency_shared": getattr(runtime, "gpu_share", 1.0) < 1 if runtime.device.type == "cuda" else None,
+        "device": str(runtime.device),
+        **(pruned.summary if pruned is not None else {}),  # sparsity and latency_kind (cap-pruning spec §4)
         "curve": curve,
     }
+
+
+def keep_student(student, job: StudentJob, cfg: ExperimentConfig, prepared, directory: str) -> None:
+    """The student as its results were measured: ``model.safetensors`` + ``model.json`` (:func:`save_model`,
+    with what ``metakd export`` / ``predict`` need to encode texts as training did) and ``tokenizer/``."""
+    save_model(student, directory, extra={
+        "student_key": job.key, "method": job.method, "domain": job.domain, "seed": job.seed,
+        "teacher_key": job.teacher_key, "data_key": prepared.key, "domains": prepared.data.domains,
+        "label_names": prepared.data.label_names, "max_length": cfg.data.max_length,
+        "truncation": cfg.data.truncation, "prune": cfg.to_dict()["student"].get("prune")})
+    prepared.tokenizer.save_pretrained(f"{directory}/tokenizer")
+
+
+def failed_student(job: StudentJob, error: str, seconds: float) -> dict:
+    """The result of a job that failed on its own (it ran out of device memory): ``status`` failed,
+    ``error`` why, no accuracies; shaped like :func:`train_student`'s, so it becomes failed rows."""
+    return {"method": job.method, "domain": job.domain, "seed": job.seed, "teacher_key": job.teacher_key,
+            "status": "failed", "error": error, "dev_accuracy": None, "dev_loss": None, "test_accuracy": None,
+            "test_loss": None, "train_seconds": seconds, "curve": []}
 
 
 def _shape_only_teacher(cfg: ExperimentConfig, prepared):

@@ -2,7 +2,8 @@
 
 kind (metakd.methods.TEACHER_KINDS)
                 trained on                 loss
-meta            all K domains              mean_i t_i CE_i + gamma1 L_TDA
+meta            all K domains              mean_i t_i CE_i + gamma1 L_TDA (tda_weighting instance:
+                                           mean_i t_i (CE_i + gamma1 CE(g_i, target_i)))
 meta_no_target  the K-1 other domains      same
 single          target domain k only       CE
 mix             all K domains              CE
@@ -15,16 +16,18 @@ claims missing teachers and publishes them to the store is ``metakd.jobs.workers
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..config import ExperimentConfig, content_hash
+from ..data import data_identity
 from ..losses import meta_teacher_loss, prototype_scores
 from ..methods import METHODS, TEACHER_KINDS
 from ..models import build_teacher, save_model
 from ..storage import Store
+from . import precision as prec
 from .features import prototype_features
 from .loop import StageSettings, train_stage
 from .runtime import unwrap
@@ -43,34 +46,45 @@ class TeacherSpec:
     domain: str | None  # the target domain for single / meta_no_target
     seed: int
     key: str
+    precision: str | None = None  # fp32 | bf16, resolved where it was planned and in the key; None: cfg.precision
 
     @property
     def rel(self) -> str:
         return f"teachers/{self.key}"
 
 
-def teacher_identity(cfg: ExperimentConfig, kind: str, domain: str | None, seed: int) -> dict:
-    """Exactly what determines a teacher: data, sample rate, seed, teacher model and its settings.
+def teacher_identity(cfg: ExperimentConfig, kind: str, domain: str | None, seed: int,
+                     precision: str | None = None, data_fingerprint: str | None = None) -> dict:
+    """Exactly what determines a teacher: data (its config and ``data_fingerprint``, the contents
+    of its files: :func:`metakd.data.data_identity`), sample rate, seed, teacher model and its settings.
 
     gamma2 and the student are absent on purpose: every student trial shares the teacher. So is
     the number of workers: ``teacher.batch_size`` is the global batch, and 1, 2 or 4 workers take
     the same optimizer steps over the same batches. So is how often it is checkpointed. The
-    precision is in it: a bf16 teacher is not the fp32 one.
+    precision is in it, resolved (``precision`` from :func:`metakd.train.precision.planned`; None:
+    planned for this process), never ``auto``: a bf16 teacher is not the fp32 one, and neither are
+    its stored outputs and prototype features.
     """
     teacher = {k: v for k, v in cfg.to_dict()["teacher"].items() if k not in NOT_IN_KEY}
     ident = {"version": VERSION, "kind": kind, "domain": domain, "seed": seed,
-             "data": cfg.to_dict()["data"], "teacher": teacher, "precision": cfg.precision}
+             "data": data_identity(cfg.data, data_fingerprint), "teacher": teacher,
+             "precision": precision or prec.planned(cfg.precision, cfg.device)}
     if TEACHER_KINDS[kind].meta:
         ident["meta_teacher"] = cfg.to_dict()["meta_teacher"]
     return ident
 
 
-def teacher_spec(cfg: ExperimentConfig, method: str, domain: str, seed: int) -> TeacherSpec | None:
+def teacher_spec(cfg: ExperimentConfig, method: str, domain: str, seed: int,
+                 gpus: float | None = None, data_fingerprint: str | None = None) -> TeacherSpec | None:
+    """The teacher ``method`` distils from, trained by workers with ``gpus`` GPUs each (None: this
+    process), on data whose contents have ``data_fingerprint`` (``PreparedData.fingerprint``)."""
     kind = METHODS[method].teacher_kind
     if kind is None:
         return None
     dom = domain if kind.per_domain else None
-    return TeacherSpec(kind.name, dom, seed, content_hash(teacher_identity(cfg, kind.name, dom, seed)))
+    precision = prec.planned(cfg.precision, cfg.device, gpus)
+    key = content_hash(teacher_identity(cfg, kind.name, dom, seed, precision, data_fingerprint))
+    return TeacherSpec(kind.name, dom, seed, key, precision)
 
 
 @torch.no_grad()
@@ -105,7 +119,8 @@ def teacher_loss_step(kind: str, cfg: ExperimentConfig, scores: torch.Tensor | N
                 on_device["t"] = scores.to(out.logits.device)
             t = on_device["t"][batch["index"]]
             return meta_teacher_loss(out.logits.float(), batch["labels"], t, out.domain_logits.float(),
-                                     batch["domains"], mt.gamma1, tda_target=mt.tda_target, generator=gen)
+                                     batch["domains"], mt.gamma1, tda_target=mt.tda_target, generator=gen,
+                                     tda_weighting=mt.tda_weighting)
     else:
         def step(model, batch):
             return F.cross_entropy(model(**batch).logits.float(), batch["labels"])
@@ -130,6 +145,8 @@ def train_one_teacher(spec: TeacherSpec, cfg: ExperimentConfig, prepared, runtim
                       store: Store | None = None) -> dict:
     """Train one teacher and save it (weights, prototype scores, outputs on the training data,
     summary) into ``out_dir``. ``store`` holds the shared prototype features (none: computed here)."""
+    if spec.precision is not None:  # the precision in its key, whatever this device would pick for auto
+        cfg = replace(cfg, precision=spec.precision)
     domains = prepared.data.domains
     kind = TEACHER_KINDS[spec.kind]
     ids = kind.domain_ids(spec.domain, domains)
@@ -158,15 +175,14 @@ def train_one_teacher(spec: TeacherSpec, cfg: ExperimentConfig, prepared, runtim
     fill_unseen_domain_embeddings(unwrap(model), ids)
     # the frozen teacher computed once: its outputs on every training example, published with it
     outputs = compute_outputs(model, prepared.train, runtime, cfg.precision)
-    summary = {"key": spec.key, "kind": spec.kind, "domain": spec.domain, "seed": spec.seed,
+    summary = {"key": spec.key, "kind": spec.kind, "domain": spec.domain, "seed": spec.seed, "data_key": prepared.key,
                "dev_accuracy": result.best_dev, "train_seconds": result.seconds, "curve": result.curve,
                "resumed_epochs": result.resumed_epochs,
                "params": unwrap(model).num_parameters(), "domains": domains,
                "trained_domains": [domains[i] for i in ids],
-               # DDP: each rank takes its share of every global batch, recorded so tests can check it
+               # DDP: each rank takes its share of every global batch (epoch_examples: this rank's share)
                "world_size": runtime.world_size, "train_examples": len(train_loader.dataset),
-               "steps_per_epoch": len(train_loader), "epoch_examples": result.epoch_examples,
-               "rank_examples": sum(len(b) for b in train_loader.batch_sampler)}
+               "steps_per_epoch": len(train_loader), "epoch_examples": result.epoch_examples}
     if runtime.is_main:
         save_model(unwrap(model), out_dir, extra={"teacher_key": spec.key, "trained_domains": summary["trained_domains"]})
         if all_scores is not None:

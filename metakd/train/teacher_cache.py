@@ -2,18 +2,23 @@
 
 Outputs: when a teacher is published, ``outputs.safetensors`` beside its weights holds, for every
 training example of the prepared data (row = the example's ``index``), its logits f_T(x), its
-domain representation r_T(x) and p_gold = softmax(f_T(x))[y]. Stage 2, the lambda_i weights
-and the L_TKD target read these rows instead of running the teacher, in every student trial
-that shares the teacher.
+domain representation r_T(x), r_T's pre-tanh value (``distill.tkd: pre_tanh_shared``) and
+p_gold = softmax(f_T(x))[y]. Stage 2, the lambda_i weights and the L_TKD target read these rows
+instead of running the teacher, in every student trial that shares the teacher.
 
 States: stage 1 / joint also need the teacher's hidden states at layers 0 and g(j) and its
-attention maps at layers g(j). They are computed once per student job for the target domain
-and kept on the device in fp16 when they fit ``distill.teacher_cache_gb``; otherwise the teacher
-runs on every batch. Rows are stored at the split's full length; a batch cut to its longest
-sequence takes the first ``S`` positions (padding positions are masked out of every loss).
+attention maps at layers g(j) (probabilities, or with ``distill.attention: scores`` the pre-softmax
+scores: 0 on padded pairs and far inside fp16's range, but not in [0, 1], so fp16's relative
+rounding (2^-11) applies to values of size ~1-10; the README states the measured effect). They
+are computed once per student job for the target domain and kept on the device in fp16 when they
+fit ``distill.teacher_cache_gb``; otherwise the teacher runs on every batch. Rows are stored at the
+split's full length; a batch cut to its longest sequence takes the first ``S`` positions (padding
+positions are masked out of every loss).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +34,13 @@ OUTPUTS_FILE = "outputs.safetensors"
 
 
 def compute_outputs(model, split, runtime, precision: str = "fp32") -> dict[str, torch.Tensor]:
-    """logits [M, C], domain_repr [M, H], p_gold [M] (fp32, CPU) with row = ``split.index`` (M = max index + 1)."""
+    """logits [M, C], domain_repr [M, H], domain_pre_tanh [M, H], p_gold [M] (fp32, CPU) with row =
+    ``split.index`` (M = max index + 1)."""
     def rows(out, batch):
         logits = out.logits.float()
         p_gold = logits.softmax(-1).gather(1, batch["labels"][:, None]).squeeze(1)
-        return {"logits": logits, "domain_repr": out.domain_repr.float(), "p_gold": p_gold}
+        return {"logits": logits, "domain_repr": out.domain_repr.float(),
+                "domain_pre_tanh": out.domain_pre_tanh.float(), "p_gold": p_gold}
 
     res = sharded_forward(model, split, rows, runtime, precision)
     size = int(split.index.max()) + 1 if len(split) else 0
@@ -55,10 +62,21 @@ class TeacherOutputs:
     def __init__(self, outputs: dict[str, torch.Tensor], device):
         self.logits = outputs["logits"].to(device)
         self.domain_repr = outputs["domain_repr"].to(device)
+        self.domain_pre_tanh = outputs["domain_pre_tanh"].to(device)
         self.p_gold = outputs["p_gold"].to(device)
 
     def lookup(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.logits[index], self.domain_repr[index]
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {k: t for k, t in vars(self).items() if isinstance(t, torch.Tensor)}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self._tensors().values())
+
+    def to(self, device) -> "TeacherOutputs":
+        return TeacherOutputs(self._tensors(), device)
 
     @classmethod
     def load(cls, directory: str, data_key: str, device) -> "TeacherOutputs | None":
@@ -69,8 +87,8 @@ class TeacherOutputs:
             from safetensors import safe_open
 
             with safe_open(path, "pt") as f:
-                if (f.metadata() or {}).get("data_key") != data_key:
-                    return None
+                if (f.metadata() or {}).get("data_key") != data_key or "domain_pre_tanh" not in f.keys():
+                    return None  # other data, or written before the pre-tanh r_T was stored
         except (FileNotFoundError, OSError):
             return None
         return cls(load_file(path), device)
@@ -89,11 +107,13 @@ def states_bytes(n: int, seq: int, hidden: int, teacher_heads: int, student_head
 
 class TeacherStates:
     """hidden [N, 1+G, S, H] and attention [N, G, heads, S, S] (fp16, on the device) of a split;
-    ``lookup(index, length)`` gives the Output-shaped tuples of a batch, cut to ``length``."""
+    ``lookup(index, length)`` gives the Output-shaped tuples of a batch, cut to ``length``.
+    ``attention_mode``: what the maps are (probs | scores, ``distill.attention``)."""
 
     def __init__(self, hidden: torch.Tensor, attention: torch.Tensor, index: torch.Tensor, layers: list[int],
-                 num_layers: int):
+                 num_layers: int, attention_mode: str = "probs"):
         self.hidden, self.attention, self.layers, self.num_layers = hidden, attention, sorted(set(layers)), num_layers
+        self.attention_mode = attention_mode
         self.row = torch.full((int(index.max()) + 1,), -1, dtype=torch.long, device=hidden.device)
         self.row[index.to(hidden.device)] = torch.arange(len(index), device=hidden.device)
 
@@ -111,7 +131,7 @@ class TeacherStates:
 
     @classmethod
     def compute(cls, teacher, split, layers: list[int], student_heads: int, runtime,
-                precision: str = "fp32") -> "TeacherStates":
+                precision: str = "fp32", attention: str = "probs") -> "TeacherStates":
         keep = sorted(set(layers))
         seq = split.input_ids.shape[1]
         average = teacher.encoder.config.num_attention_heads != student_heads
@@ -124,8 +144,62 @@ class TeacherStates:
             return {"hidden": F.pad(hidden, (0, 0, 0, pad)), "attention": F.pad(att, (0, pad, 0, pad))}
 
         res = sharded_forward(teacher, split, rows, runtime, precision, keep_on_device=True,
-                              forward_kwargs={"output_states": True, "layers": keep})
-        return cls(res["hidden"], res["attention"], split.index, keep, teacher.num_layers)
+                              forward_kwargs={"output_states": True, "layers": keep, "attention": attention})
+        return cls(res["hidden"], res["attention"], split.index, keep, teacher.num_layers, attention)
+
+
+# ----------------------------------------------------------------------------- the budget (per worker)
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """A CUDA device's memory as this process sees it, in bytes."""
+
+    total: int  # the device's memory
+    free: int  # held by no process (cudaMemGetInfo)
+    reserved: int  # held by this process's caching allocator
+    allocated: int  # in this process's live tensors (<= reserved)
+
+    @classmethod
+    def of(cls, device) -> "MemoryReport":
+        free, total = torch.cuda.mem_get_info(device)
+        return cls(total, free, torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device))
+
+
+CUDA_CONTEXT_BYTES = 512 * 2**20  # a process's CUDA context: on the device, in no torch counter
+CACHE_FRACTION = 0.5  # of what a worker can still use; the rest is the training step's (activations, AdamW)
+
+
+def cache_budget(cap_bytes: float, memory: MemoryReport | None = None, gpu_share: float = 1.0,
+                 fraction: float = CACHE_FRACTION, context_bytes: int = CUDA_CONTEXT_BYTES) -> int:
+    """Bytes the teacher cache (outputs and stage-1 states) of one worker may take on its device.
+
+    On a CPU (no ``memory``): ``cap_bytes`` (``distill.teacher_cache_gb``). On a GPU, also at most
+    ``fraction`` of what this worker can still use:
+
+        min(gpu_share * total - allocated - context,  free + (reserved - allocated))
+
+    The first term is what is left of its share of the device (``gpu_share`` = 0.25 when four
+    workers share a GPU, ``student_gpus_per_worker``) after its own tensors and CUDA context, so
+    workers on one GPU do not each plan on the whole of it. The second is what it can get now:
+    memory no process holds, plus what its own allocator reserved and freed (reusable here,
+    though ``mem_get_info`` counts it as used).
+    """
+    if memory is None:
+        return int(max(0.0, cap_bytes))
+    share_left = gpu_share * memory.total - memory.allocated - context_bytes
+    obtainable = memory.free + (memory.reserved - memory.allocated)
+    return int(max(0.0, min(cap_bytes, fraction * min(share_left, obtainable))))
+
+
+def free_device_memory() -> None:
+    """Give what a failed allocation left behind back: drop unreachable tensors, then the CUDA
+    allocator's free blocks (so the next, smaller allocations, and other processes, can have them)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- what a student job uses
@@ -135,25 +209,55 @@ def teacher_caches(teacher, teacher_dir: str | None, prepared, split, cfg: Exper
                    layers: list[int], student_heads: int, needs_states: bool):
     """(TeacherOutputs | None, TeacherStates | None) for a student job on ``split``; (None, None) with
     ``distill.teacher_cache: off``. Outputs come from the teacher's stored file, or are computed
-    here once for ``split`` when it has none. States are kept when they fit the budget."""
+    here once for ``split`` when it has none. Outputs, then states, are kept on the device while they
+    fit :func:`cache_budget` (``runtime.gpu_share`` of the GPU); what does not fit, or runs out of
+    device memory while it is built (one worker: DDP ranks must agree, so there it fails the job), is
+    recomputed by a teacher forward on every batch, and the log says so once."""
     d = cfg.distill
     if d.teacher_cache == "off":
         return None, None
-    outputs = TeacherOutputs.load(teacher_dir, prepared.key, runtime.device) if teacher_dir else None
-    if not runtime.agree(outputs is not None):  # computing them is a collective: every rank or none
-        outputs = TeacherOutputs(compute_outputs(teacher, split, runtime, cfg.precision), runtime.device)
+    memory = MemoryReport.of(runtime.device) if runtime.device.type == "cuda" else None
+    budget = cache_budget(d.teacher_cache_gb * 2**30, memory, getattr(runtime, "gpu_share", 1.0))
+    share = f" ({runtime.gpu_share:g} of the GPU)" if memory is not None and getattr(runtime, "gpu_share", 1.0) < 1 \
+        else ""
+    runtime.log(f"teacher cache: budget {budget / 2**30:.2f} GiB on {runtime.device}{share}")
+
+    def on_device(build, what: str, size: int):
+        """build() when ``size`` fits what is left of the budget (rank 0 decides for all), else None."""
+        nonlocal budget
+        if not runtime.agree(size <= budget):
+            runtime.log(f"teacher cache: {what} {size / 2**30:.2f} GiB over the budget "
+                        f"({budget / 2**30:.2f} GiB left): the teacher runs on every batch")
+            return None
+        try:
+            value = build()
+        except torch.cuda.OutOfMemoryError as e:
+            if runtime.world_size > 1:
+                raise
+            message = str(e).splitlines()[0]
+        else:
+            budget -= size
+            return value
+        free_device_memory()
+        runtime.log(f"teacher cache: out of memory while putting the {what} on {runtime.device} ({message}): "
+                    f"the teacher runs on every batch")
+        return None
+
+    stored = TeacherOutputs.load(teacher_dir, prepared.key, "cpu") if teacher_dir else None
+    if not runtime.agree(stored is not None):  # computing them is a collective: every rank or none
+        stored = TeacherOutputs(compute_outputs(teacher, split, runtime, cfg.precision), "cpu")
         runtime.log(f"teacher cache: no stored outputs in {teacher_dir}; computed them for {len(split)} examples")
+    outputs = on_device(lambda: stored.to(runtime.device), "outputs", stored.nbytes)
     states = None
     if needs_states:
         cfg_t = teacher.encoder.config
         size = states_bytes(len(split), split.input_ids.shape[1], cfg_t.hidden_size, cfg_t.num_attention_heads,
                             student_heads, layers)
-        budget = d.teacher_cache_gb * 2**30
-        if runtime.device.type == "cuda":
-            budget = min(budget, 0.5 * torch.cuda.mem_get_info(runtime.device)[0])
-        # rank 0 decides for all ranks: computing the states is a collective
-        if runtime.agree(size <= budget):
-            states = TeacherStates.compute(teacher, split, layers, student_heads, runtime, cfg.precision)
-        where = f"kept on {runtime.device}" if states is not None else "over budget: recomputed every batch"
-        runtime.log(f"teacher cache: stage-1 states {size / 2**30:.2f} GiB {where}")
+
+        def compute_states():
+            return TeacherStates.compute(teacher, split, layers, student_heads, runtime, cfg.precision, d.attention)
+
+        states = on_device(compute_states, "stage-1 states", size)
+        if states is not None:
+            runtime.log(f"teacher cache: stage-1 states {size / 2**30:.2f} GiB kept on {runtime.device}")
     return outputs, states

@@ -1,0 +1,68 @@
+"""The registry: claims and leases, admissions of runs, progress counts and the log of trainings."""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+import pytest
+
+from metakd.jobs.registry import LocalRegistry, RegistryState
+
+
+def test_claims_are_exclusive_until_finished_released_or_expired():
+    r = RegistryState(lease_s=0.3)
+    assert r.claim("k", "a") == "mine"
+    assert r.claim("k", "b") == "wait" and r.claim("k", "a") == "mine"  # the owner may claim again
+    assert r.states(["k", "x"]) == {"k": ("running", "a"), "x": ("missing", None)}
+    time.sleep(0.35)  # a dead owner stops renewing: its lease runs out
+    assert r.states(["k"]) == {"k": ("missing", None)}
+    assert r.claim("k", "b") == "mine"
+    r.renew(["k"], "a")  # not a's any more: no effect
+    r.release("k", "a")
+    assert r.claim("k", "a") == "wait"
+    assert not r.finish("k", "a", {"type": "teacher", "key": "k"})  # b holds it: not a's to finish
+    assert r.states(["k"]) == {"k": ("running", "b")} and r.progress()[0] == []
+    assert r.finish("k", "b", {"type": "teacher", "key": "k"})
+    assert r.claim("k", "a") == "done" and r.states(["k"]) == {"k": ("done", None)}
+    # a failed run gives back its own claims and its workers' ("run/w0", ...), not others'
+    for key, owner in (("p", "run"), ("q", "run/w0"), ("s", "runner")):
+        assert r.claim(key, owner) == "mine"
+    assert sorted(r.release_owner("run")) == ["p", "q"]
+    assert r.states(["p", "q", "s"]) == {"p": ("missing", None), "q": ("missing", None), "s": ("running", "runner")}
+
+
+def test_admission_counts_what_was_promised_to_runs_that_have_not_started():
+    r = RegistryState()
+    free = {"CPU": 2.0, "GPU": 1.0}
+    assert r.admit("t1", {"CPU": 1.0}, 1, free) == 1
+    assert r.admit("t2", {"CPU": 1.0}, 3, free) == 1  # 2 CPUs free, 1 promised to t1
+    assert r.admit("t3", {"CPU": 1.0}, 1, free) == 0
+    assert r.admit("t3", {"CPU": 1.0}, 1, free, at_least_one=True) == 1  # a cluster that must scale up
+    r.started("t1"), r.started("t2"), r.started("t3")
+    # quarter-GPU student workers: 4 fit on one GPU, whatever the CPUs say first
+    assert r.admit("s", {"CPU": 0.5, "GPU": 0.25}, 8, free) == 4
+    assert r.admit("s2", {"CPU": 0.5, "GPU": 0.25}, 8, free) == 0
+    r.started("s")
+    assert r.admit("s2", {"CPU": 0.5, "GPU": 0.25}, 2, {"CPU": 0.0, "GPU": 1.0}) == 0  # no CPU left
+
+
+def test_registry_counts_needed_done_and_training_and_logs_finished_trainings():
+    r = RegistryState()
+    r.need("teacher", ["a", "b", "c"])
+    r.need("teacher", ["a"])  # another trial needs the same teacher: still 3
+    r.claim("a", "t1")
+    r.finish("b", "t2", {"type": "teacher", "key": "b"})  # nobody held it: anyone may finish it
+    r.finish("b", "t2", {"type": "teacher", "key": "b"})  # a late duplicate finish logs nothing new
+    records, seen, counts = r.progress()
+    assert [x["key"] for x in records] == ["b"] and seen == 1
+    assert counts == {"teacher": {"needed": 3, "done": 1, "running": 1}}
+    assert r.progress(seen)[0] == []
+    r.reset()  # a new driver: nothing live, nothing remembered (the store says what is done)
+    assert r.progress() == ([], 0, {}) and r.claim("b", "x") == "mine"
+
+
+def test_a_local_registry_cannot_travel_to_another_process():
+    """A worker config holds the registry: under Ray it must be the actor's client (ray_registry)."""
+    with pytest.raises(TypeError, match="ray_registry"):
+        pickle.dumps(LocalRegistry())
