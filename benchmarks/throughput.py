@@ -50,7 +50,7 @@ from metakd.models import build_student, build_teacher  # noqa: E402
 from metakd.train import precision as prec  # noqa: E402
 from metakd.train.loop import optimizer_for, to_device  # noqa: E402
 from metakd.train.runtime import LocalRuntime  # noqa: E402
-from metakd.train.student import Distiller  # noqa: E402
+from metakd.train.distill import Distiller  # noqa: E402
 from metakd.train.teacher import teacher_loss_step  # noqa: E402
 from metakd.train.teacher_cache import TeacherOutputs, TeacherStates, compute_outputs  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""``metakd`` command line: run | sweep | validate | results | plot | table | compare | export | predict."""
+"""``metakd`` command line: run | sweep | plan | validate | results | plot | table | compare | cost | export | predict."""
 
 from __future__ import annotations
 
@@ -80,6 +80,37 @@ def cmd_sweep(args) -> int:
                      verbose=args.verbose, restart=args.restart)
 
 
+def cmd_plan(args) -> int:
+    from .sweep.plan import plan_file
+
+    if args.name is not None:
+        check_name(args.name, "--name")
+    print(plan_file(args.yaml, storage=expand_user(args.storage), name=args.name, gpu=args.gpu, mfu=args.mfu,
+                    gpus=args.gpus, peak_tflops=args.peak_tflops))
+    return 0
+
+
+def cmd_cost(args) -> int:
+    from .jobs.events import STUDENT, TEACHER, read_events
+    from .report import results
+    from .report.cost import format_cost, sweep_cost
+    from .storage import Store
+
+    store = Store(args.path)
+    try:
+        rows = results.load(args.path)
+    except (FileNotFoundError, ValueError):  # a sweep that has not written rows yet
+        rows = None
+    cost = sweep_cost(read_events(store, TEACHER), read_events(store, STUDENT), rows, args.slots)
+    text = format_cost(cost, args.format)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        print(text, end="")
+    return 0
+
+
 _TRACKING_HELP = ("experiment trackers, comma-separated: mlflow, tensorboard, wandb (or none); each needs its "
                   "extra, e.g. pip install -e '.[mlflow]'")
 
@@ -121,6 +152,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remote", action="store_true",
                    help="paths that do not exist here are on the cluster: note them instead of failing")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="before a sweep (or run): its trials, the teachers and student jobs it needs, "
+                                    "how many are in the cache, the FLOPs, GPU-hours and wall time of the rest "
+                                    "(starts nothing)")
+    p.add_argument("yaml", help="sweep or experiment YAML")
+    p.add_argument("--storage", default=None, help="override search.storage (where the cache is looked up)")
+    p.add_argument("--name", default=None, help="override the sweep name (its stored Optuna study, if any)")
+    p.add_argument("--gpu", default="H100", help="GPU to estimate on, as CUDA names it (default: H100)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation to assume (default: 0.4)")
+    p.add_argument("--gpus", type=float, default=None,
+                   help="GPUs in the cluster (default: what max_concurrent_trials trials take at once)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for a --gpu not known")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("cost", help="device-hours of a sweep or run from its event files: by phase, method and "
+                                    "trial, share served from the cache, utilisation, meta-teacher vs "
+                                    "single-domain teachers")
+    p.add_argument("path", help="sweep directory (<storage>/<name>) or metakd run directory (<output_dir>/<name>)")
+    p.add_argument("--format", default="markdown", choices=("markdown", "csv"), help="output format")
+    p.add_argument("--slots", type=float, default=None,
+                   help="devices the sweep could use (default: the most it held at once)")
+    p.add_argument("-o", "--out", default=None, help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_cost)
 
     cli_report.register(sub)
     cli_export.register(sub)

@@ -207,7 +207,7 @@ class TeacherConfig(ModelConfig):
                "a number of seconds >= 0")
 
 
-# Structured pruning's criteria by structure; the released values that differ between CAP-m/soft
+# The criteria of each structure; the released values that differ between CAP-m/soft
 # (unstructured) and CAP-f (heads_ffn) (cap-pruning spec §1.8): what an unset field resolves to.
 PRUNE_CRITERIA = {"unstructured": ("movement", "soft_movement", "magnitude"), "heads_ffn": ("first_order",)}
 PRUNE_DEFAULTS = {
@@ -305,7 +305,7 @@ class PruneConfig:
                                   f"QQP 190 / 550, MNLI 290 / 680 for 90 / 97 % sparsity)")
             _check(self.soft_final_lambda >= 0, where, "soft_final_lambda", self.soft_final_lambda, "a number >= 0")
         if self.structure == "heads_ffn":
-            _check(0 < self.step <= self.sparsity, where, "step", self.step, f"a number in (0, sparsity]")
+            _check(0 < self.step <= self.sparsity, where, "step", self.step, "a number in (0, sparsity]")
             steps = round(self.sparsity / self.step)
             _check(math.isclose(steps * self.step, self.sparsity, abs_tol=1e-9), where, "sparsity", self.sparsity,
                    f"a whole number of steps of {self.step} (heads_ffn prunes in steps)")
@@ -633,7 +633,19 @@ class SearchConfig:
                                     "each point once)", default=None)
     scheduler: SchedulerConfig | None = _help("optional ASHA early stopping of student trials", default=None)
     resources: ResourcesConfig = _help("Ray resources per trial", default_factory=ResourcesConfig)
-    storage: str = _help("local path or pyarrow/fsspec URI (s3://, gs://) for teachers, data and results", default="runs/sweeps")
+    max_failures: int = _help(
+        "times a trial launches one of its teacher or student runs again after it failed (from the run's last "
+        "checkpoint) before the trial fails; a run whose node died (spot reclaim, OOM, a bad host) is launched "
+        "again without counting here, up to 10 times", default=3)
+    storage: str = _help("local path or pyarrow/fsspec URI (s3://, gs://): the sweep's results under <storage>/<name>/, "
+                         "teachers, students and data in the cache <storage>/cache/ every sweep there shares",
+                         default="runs/sweeps")
+    cache: str | None = _help("the artifact cache (prepared data, features, teachers, students), a path or URI, when "
+                              "not <storage>/cache: e.g. one cache for several storages", default=None)
+    study_storage: str | None = _help(
+        "optuna / random: where the Optuna study lives, sqlite:///path.db | postgresql://... | mysql://... | a "
+        "journal file path (None: <storage>/<name>/study.journal on a local or NFS storage; an s3:// or gs:// "
+        "storage keeps it in Tune's searcher state only: resumable, not extendable)", default=None)
     tracking: TrackingConfig = _help("experiment trackers: a list of mlflow, tensorboard, wandb, each a name or "
                                      "{name: settings} (unset: none; --tracking overrides)", default_factory=TrackingConfig)
 
@@ -651,8 +663,20 @@ class SearchConfig:
         if self.scheduler is not None:
             self.scheduler.validate(f"{where}.scheduler")
         self.resources.validate(f"{where}.resources")
+        _check(isinstance(self.max_failures, int) and self.max_failures >= 0, where, "max_failures",
+               self.max_failures, "an integer >= 0")
         _check(bool(self.storage), where, "storage", self.storage, "a path or URI")
         self.storage = expand_user(self.storage)
+        if self.cache is not None:
+            _check(bool(self.cache), where, "cache", self.cache, "a path or URI")
+            self.cache = expand_user(self.cache)
+        if self.study_storage is not None:
+            scheme = self.study_storage.split("://", 1)[0] if "://" in self.study_storage else None
+            _check(scheme is None or scheme.split("+")[0] in ("sqlite", "postgresql", "mysql"), where,
+                   "study_storage", self.study_storage,
+                   "sqlite:///path.db, postgresql://..., mysql://... or a local journal file path")
+            _check(self.algorithm != "grid", where, "study_storage", self.study_storage,
+                   "unset for a grid search (no Optuna study)")
         self.tracking.validate(f"{where}.tracking")
 
 

@@ -2,8 +2,9 @@
 
 Each shows a sweep two ways:
 
-- per trial, through Ray Tune's own logger callback on the sweep driver (``MLflowLoggerCallback``,
-  ``TBXLoggerCallback``, ``WandbLoggerCallback``): the trial's searched parameters and every metric
+- per trial, through Ray Tune's own logger callback on the sweep driver (``MLflowLoggerCallback``;
+  ``TBXLoggerCallback`` writing beside the trainings, :func:`_trial_event_files`;
+  ``WandbLoggerCallback`` whose logging actor waits for W&B to write the run out, :func:`_wandb_trial_runs`): the trial's searched parameters and every metric
   it reports to Tune: after each student the running accuracies, at its end the dev / test accuracy
   of each method and of each (method, domain) (``metakd.report.rows.running_metrics``);
 - per training, written by the worker that trains it as each epoch ends (:func:`track_training`,
@@ -234,13 +235,20 @@ def _tensorboard_callback(s: TensorBoardSettings, sweep: str):
 
 
 def __getattr__(name: str):
-    # Ray Tune's TBXLoggerCallback, writing each trial to <dir>/<sweep>/<trial>/ beside its trainings
-    # rather than into Tune's trial directory. Made on first use (importing ray.tune takes seconds, and
-    # workers never need it) and found here by name, as pickle (Tune's saved run config) looks it up.
-    if name != "TrialEventFiles":
+    # The subclasses of Ray's callbacks below are made on first use (importing ray.tune takes seconds,
+    # and workers never need them) and found here by name, as pickle (Tune's saved run config) looks them up.
+    if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name in globals():
-        return globals()[name]
+    if name not in globals():
+        cls = _LAZY[name]()
+        cls.__module__, cls.__qualname__ = __name__, name
+        globals()[name] = cls
+    return globals()[name]
+
+
+def _trial_event_files():
+    """Ray Tune's TBXLoggerCallback, writing each trial to <dir>/<sweep>/<trial>/ beside its trainings
+    rather than into Tune's trial directory."""
     from ray.tune.logger import TBXLoggerCallback
 
     class TrialEventFiles(TBXLoggerCallback):
@@ -253,8 +261,6 @@ def __getattr__(name: str):
             self._trial_writer[trial].close()
             self._trial_writer[trial] = self._summary_writer_cls(os.path.join(self.logdir, str(trial)), flush_secs=30)
 
-    TrialEventFiles.__module__, TrialEventFiles.__qualname__ = __name__, "TrialEventFiles"
-    globals()["TrialEventFiles"] = TrialEventFiles
     return TrialEventFiles
 
 
@@ -291,16 +297,39 @@ def _wandb_resolve(s: WandbSettings, sweep: str, root: str | None) -> WandbSetti
 
 
 def _wandb_callback(s: WandbSettings, sweep: str):
-    from ray.air.integrations.wandb import WandbLoggerCallback
-
     # Ray asks for an API key on the driver unless WANDB_MODE says offline
     os.environ["WANDB_MODE"] = s.mode
-    return WandbLoggerCallback(project=s.project, group=sweep, mode=s.mode, dir=s.dir, job_type="trial",
-                               tags=[sweep])
+    return __getattr__("WandbTrialRuns")(project=s.project, group=sweep, mode=s.mode, dir=s.dir, job_type="trial",
+                                         tags=[sweep])
+
+
+def _wandb_logging_actor():
+    from ray.air.integrations.wandb import _WandbLoggingActor
+
+    class WandbLoggingActor(_WandbLoggingActor):
+        def run(self):
+            super().run()
+            # finish() returns before W&B's service process has written the run's last records, and Ray
+            # kills this actor (the service with it) as soon as run() returns: wait for the service
+            self._wandb.teardown()
+
+    return WandbLoggingActor
+
+
+def _wandb_trial_runs():
+    """Ray Tune's WandbLoggerCallback, whose logging actors wait for W&B to write each run out."""
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    class WandbTrialRuns(WandbLoggerCallback):
+        _logger_actor_cls = __getattr__("WandbLoggingActor")
+
+    return WandbTrialRuns
 
 
 class WandbCurve:
     """One training as a W&B run in the sweep's group (``job_type`` teacher | student), its tags as config."""
+
+    open_runs = 0  # in this process
 
     def __init__(self, s: WandbSettings, tracking: Tracking, training: Training):
         import wandb
@@ -309,14 +338,27 @@ class WandbCurve:
                               mode=s.mode, name=f"{tracking.trial}/{training.name}", config=training.tags(tracking),
                               tags=[tracking.sweep], reinit="create_new",
                               settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+        WandbCurve.open_runs += 1
 
     def epoch(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)
 
     def close(self, final: dict[str, float], ok: bool) -> None:
-        self.run.summary.update(final)
-        self.run.finish(exit_code=0 if ok else 1)
+        import wandb
 
+        try:
+            self.run.summary.update(final)
+            self.run.finish(exit_code=0 if ok else 1)
+        finally:
+            WandbCurve.open_runs -= 1
+        if WandbCurve.open_runs == 0:
+            # finish() returns before W&B's service process has written the run out; a Ray worker is
+            # killed when its work is done, before atexit would wait for it
+            wandb.teardown()
+
+
+_LAZY = {"TrialEventFiles": _trial_event_files, "WandbLoggingActor": _wandb_logging_actor,
+         "WandbTrialRuns": _wandb_trial_runs}
 
 TRACKERS: dict[str, Tracker] = {t.name: t for t in (
     Tracker("mlflow", ("mlflow",), _mlflow_resolve, _mlflow_callback, MLflowCurve),
@@ -427,81 +469,3 @@ def open_run(trackers: dict[str, Any], name: str, part: str, log=print) -> tuple
     run = Curves(tracking, Training("run", part, part, None, None), log)
     mlflow = run.writers.get("mlflow")
     return (replace(tracking, parent={"mlflow": mlflow.run_id}) if mlflow else tracking), run
-
-
-def log_sweep_artifacts(trackers: dict[str, Any], root: str, sweep: str, students_kept: bool, log=print) -> None:
-    """MLflow, at the end of a sweep: each trial's results and curves Parquet parts, and the exported best
-    student of each (method, domain) (``metakd export --best``) when students are kept, as artifacts of
-    the trial runs. What cannot be logged is said and skipped."""
-    if "mlflow" not in trackers:
-        return
-    import tempfile
-
-    from mlflow.tracking import MlflowClient
-
-    from .report import results
-
-    s = trackers["mlflow"]
-    client = MlflowClient(s.tracking_uri)
-    experiment = client.get_experiment_by_name(s.experiment)
-
-    def trial_run(trial_id: str) -> str | None:
-        runs = [r for r in find_runs(client, experiment.experiment_id, sweep, trial_id=trial_id)
-                if "training" not in r.data.tags]
-        return runs[0].info.run_id if runs else None
-
-    try:
-        df = results.load(root)
-    except (FileNotFoundError, ValueError):
-        log("tracking: no results to log to MLflow")
-        return
-    logged = 0
-    for kind in ("results", "curves"):
-        for path in sorted(_local_files(f"{root}/{kind}")):
-            try:
-                ids = results.load(path, table=kind)["trial_id"].dropna().astype(str).unique()
-            except Exception:  # noqa: BLE001 - an unreadable part is left out
-                continue
-            for trial_id in ids:
-                run = trial_run(trial_id)
-                if run is not None:
-                    client.log_artifact(run, path, kind)
-                    logged += 1
-    exported = 0
-    if students_kept:
-        from .export.select import choose
-
-        ok = df[(df["status"] == "ok") & (df["split"] == "dev")]
-        for method, domain in sorted(set(zip(ok["method"], ok["domain"]))):
-            try:
-                choice = choose(df, method, domain)
-                run = trial_run(choice.trial_id)
-                if run is None:
-                    continue
-                with tempfile.TemporaryDirectory(prefix="metakd-export-") as d:
-                    out = f"{d}/{method}-{domain}"
-                    _export(root, out, method, domain, choice.trial_id)
-                    client.log_artifacts(run, out, f"best_student/{method}-{domain}")
-                    exported += 1
-            except Exception as e:  # noqa: BLE001 - the sweep's results stand without the artifact
-                log(f"tracking: best {method} student for {domain} not logged to MLflow: {type(e).__name__}: {e}")
-    log(f"tracking: {logged} Parquet part(s) and {exported} best student(s) logged to MLflow ({s.tracking_uri}, "
-        f"experiment {s.experiment})")
-
-
-def _local_files(directory: str) -> list[str]:
-    return [os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".parquet") and ".tmp-" not in f] \
-        if os.path.isdir(directory) else []
-
-
-def _export(root: str, out: str, method: str, domain: str, trial_id: str) -> None:
-    import argparse
-    import contextlib
-    import io
-
-    from .export.cli import cmd_export
-
-    args = argparse.Namespace(path=root, out=out, method=method, domain=domain, trial=trial_id, best=False,
-                              seed=None, teacher=None, write_split=None)
-    with contextlib.redirect_stdout(io.StringIO()):
-        cmd_export(args)

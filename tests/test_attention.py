@@ -12,7 +12,7 @@ from transformers import AutoModel, BertConfig, MPNetConfig
 from metakd.config import ModelConfig, from_dict
 from metakd.losses import attention_mse
 from metakd.models import EncoderClassifier, Student, build_teacher
-from metakd.train.student import Distiller
+from metakd.train.distill import Distiller
 
 VOCAB, SEQ = 90, 14
 

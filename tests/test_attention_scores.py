@@ -18,7 +18,7 @@ from metakd.losses import attention_mse
 from metakd.models import build_student, build_teacher
 from metakd.train.loop import StageSettings, train_stage
 from metakd.train.runtime import LocalRuntime
-from metakd.train.student import Distiller
+from metakd.train.distill import Distiller
 from metakd.train.teacher_cache import TeacherOutputs, TeacherStates, compute_outputs
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")

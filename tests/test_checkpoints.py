@@ -1,6 +1,7 @@
 """Lean epoch checkpoints: only when due, never after the last epoch, holding what resume needs;
-resuming from one gives the uninterrupted run's weights. The slow test kills a Ray Train
-worker in the middle of a teacher and checks that the fit resumes after its last checkpoint."""
+resuming from one gives the uninterrupted run's weights, also from a checkpoint another run left.
+The slow test kills a Ray Train worker in the middle of a teacher and checks that the run,
+launched again under its name, resumes after its last checkpoint."""
 
 from __future__ import annotations
 
@@ -111,6 +112,30 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_weights(tmp_path):
     assert [p["step"] for p in r_res.curve] == [p["step"] for p in r_full.curve] == [5, 10, 15, 20]
     for k, v in m_full.state_dict().items():
         torch.testing.assert_close(m_res.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_another_run_left_is_resumed_when_it_is_further_on_and_of_this_training(tmp_path):
+    def runtime(name: str, restore: str, resume: str) -> RecordingRuntime:
+        (tmp_path / name).mkdir()
+        rt = RecordingRuntime(tmp_path / name, restore=restore)
+        rt.resume_dir = resume  # what metakd.jobs.workers sets: the checkpoint a lost run left
+        return rt
+
+    full = RecordingRuntime(tmp_path / "a")
+    (tmp_path / "a").mkdir()
+    run(full)
+    # the run's own checkpoint is after epoch 1, the lost run's after epoch 3, or the other way round
+    assert run(runtime("b", full.saved[0], full.saved[2]), seed=1)[1].resumed_epochs == 3
+    assert run(runtime("c", full.saved[2], full.saved[0]), seed=1)[1].resumed_epochs == 3
+    # a checkpoint of another training (another tag) is not resumed, nor is a copy cut short
+    other = RecordingRuntime(tmp_path / "d")
+    (tmp_path / "d").mkdir()
+    train_stage(model(0), ce, make_loader(split(), 8, True, seed=5), None, ["a", "b"],
+                StageSettings("teacher", 3, 1e-3), other, "another teacher")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "state.pt").write_bytes((Path(full.saved[2]) / "state.pt").read_bytes()[:100])
+    assert run(runtime("e", full.saved[0], other.saved[1]), seed=1)[1].resumed_epochs == 1
+    assert run(runtime("f", full.saved[0], str(tmp_path / "cut")), seed=1)[1].resumed_epochs == 1
 
 
 def test_resume_restores_best_weights_saved_as_the_current_ones(tmp_path, monkeypatch):

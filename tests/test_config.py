@@ -297,6 +297,14 @@ def test_search_scheduler_and_resources_are_validated():
     assert _error({"search": {"params": {}}}).startswith("search.params: {}")
 
 
+def test_search_max_failures_defaults_to_3_and_refuses_negatives():
+    params = {"gamma2": {"type": "choice", "values": [0.1]}}
+    assert from_dict(_search(params)).search.max_failures == 3
+    assert from_dict(_search(params, max_failures=0)).search.max_failures == 0
+    assert _error(_search(params, max_failures=-1)) == \
+        "search.max_failures: -1 is not allowed; expected an integer >= 0"
+
+
 # ----------------------------------------------------------------------------- files
 
 

@@ -491,4 +491,4 @@ def test_edited_data_retrains_and_unedited_data_is_reused(tmp_path, capsys, monk
     write_jsonl(f, rows)
     run()
     assert len(trained) == 4 and len(set(trained)) == 4  # new keys: trained again
-    assert len(list((tmp_path / "out" / "d" / "data").iterdir())) == 2  # one prepared copy per content
+    assert len(list((tmp_path / "out" / "cache" / "data").iterdir())) == 2  # one prepared copy per content

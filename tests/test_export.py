@@ -21,6 +21,7 @@ from metakd.data import TextSplit, build_tokenizer, encode, load_full
 from metakd.export.hf import Packaging, export_model, route_of
 from metakd.export.predict import load_exported
 from metakd.export.select import choose
+from metakd.jobs.cache import artifact_store
 from metakd.models import EncoderClassifier, build_student, build_teacher, load_model, save_model
 from metakd.report import results
 
@@ -63,6 +64,16 @@ def table(run_root) -> pd.DataFrame:
     return results.load(str(run_root))
 
 
+@pytest.fixture(scope="module")
+def cache(run_root) -> Path:
+    """Where the run's artifacts are: the cache of its output_dir (metakd.jobs.cache)."""
+    return _cache(run_root)
+
+
+def _cache(root: Path) -> Path:
+    return Path(artifact_store(str(root)).local_root)
+
+
 def _texts(df: pd.DataFrame, split: str, domain: str) -> TextSplit:
     cfg = from_dict(json.loads(df["config_json"].iloc[0]))
     data = load_full(cfg.data)
@@ -79,12 +90,12 @@ def _metakd_logits(model: EncoderClassifier, batch: dict, domain: int = 0) -> to
 # ----------------------------------------------------------------------------- keeping students
 
 
-def test_a_run_keeps_every_student_with_its_result(run_root, table):
+def test_a_run_keeps_every_student_with_its_result(cache, table):
     keys = set(table["student_key"])
     assert len(keys) == 2 * 2 * 2  # methods x domains x seeds
-    assert {p.name for p in (run_root / "students").iterdir()} == keys
+    assert {p.name for p in (cache / "students").iterdir()} == keys
     for key in keys:
-        d = run_root / "students" / key
+        d = cache / "students" / key
         assert {"_COMPLETE", "result.json", "model.json", "model.safetensors", "tokenizer"} <= {p.name for p in d.iterdir()}
         meta = json.loads((d / "model.json").read_text())
         assert meta["kind"] == "student" and meta["student_key"] == key and meta["max_length"] == 20
@@ -92,23 +103,23 @@ def test_a_run_keeps_every_student_with_its_result(run_root, table):
         assert (meta["method"], meta["domain"], meta["seed"]) == (result["method"], result["domain"], result["seed"])
     # the kept weights are the evaluated student: its test accuracy comes back from them
     row = table[(table["split"] == "test")].iloc[0]
-    model = load_model(run_root / "students" / row["student_key"])
+    model = load_model(cache / "students" / row["student_key"])
     part = _texts(table, "test", row["domain"])
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(run_root / "students" / row["student_key"] / "tokenizer"))
+    tok = AutoTokenizer.from_pretrained(str(cache / "students" / row["student_key"] / "tokenizer"))
     enc = encode(part, tok, 20)
     pred = _metakd_logits(model, enc.to_dict()).argmax(-1)
     assert int((pred == enc.labels).sum()) / len(enc) == row["accuracy"]
 
 
-def test_a_rerun_reuses_the_kept_students_without_copies(run_root, table, tmp_path):
-    weights = {p: p.stat().st_mtime_ns for p in (run_root / "students").glob("*/model.safetensors")}
+def test_a_rerun_reuses_the_kept_students_without_copies(run_root, cache, table, tmp_path):
+    weights = {p: p.stat().st_mtime_ns for p in (cache / "students").glob("*/model.safetensors")}
     raw = {**TINY, "name": "kept", "output_dir": str(run_root.parent)}
     path = tmp_path / "again.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert main(["run", str(path)]) == 0
-    assert {p: p.stat().st_mtime_ns for p in (run_root / "students").glob("*/model.safetensors")} == weights
+    assert {p: p.stat().st_mtime_ns for p in (cache / "students").glob("*/model.safetensors")} == weights
     assert set(results.load(str(run_root))["student_key"]) == set(table["student_key"])
 
 
@@ -126,7 +137,7 @@ def test_students_keep_is_validated_and_part_of_the_student_key():
 # ----------------------------------------------------------------------------- export: cls BERT, from a run
 
 
-def test_export_best_writes_a_bert_model_that_transformers_loads(run_root, table, tmp_path, capsys):
+def test_export_best_writes_a_bert_model_that_transformers_loads(run_root, cache, table, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path / "student"
@@ -152,7 +163,7 @@ def test_export_best_writes_a_bert_model_that_transformers_loads(run_root, table
     assert torch.equal(batch["input_ids"], reference["input_ids"][:, :n])
     with torch.no_grad():
         got = hf(**batch).logits
-    student = load_model(run_root / "students" / choice.student_key)
+    student = load_model(cache / "students" / choice.student_key)
     want = _metakd_logits(student, reference)
     assert (got - want).abs().max() <= TOLERANCE
 
@@ -183,14 +194,14 @@ def test_model_card_states_what_the_table_holds(run_root, table, tmp_path):
     assert f"**{100 * paired.mean():+.2f} [" in card
 
 
-def test_export_a_teacher(run_root, table, tmp_path):
+def test_export_a_teacher(run_root, cache, table, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     key = table.loc[table["method"] == "metakd", "teacher_key"].iloc[0]
     out = tmp_path / "teacher"
     assert main(["export", str(run_root), "--teacher", key, "-o", str(out)]) == 0
     hf = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
-    teacher = load_model(run_root / "teachers" / key)
+    teacher = load_model(cache / "teachers" / key)
     batch = encode(_texts(table, "test", "alpha"), load_exported(out).tokenizer, 20).to_dict()
     with torch.no_grad():
         got = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -202,7 +213,7 @@ def test_export_a_teacher(run_root, table, tmp_path):
 # ----------------------------------------------------------------------------- predict
 
 
-def test_predict_eval_reproduces_the_test_accuracy_of_the_table(run_root, table, tmp_path, capsys):
+def test_predict_eval_reproduces_the_test_accuracy_of_the_table(run_root, cache, table, tmp_path, capsys):
     out = tmp_path / "student"
     assert main(["export", str(run_root), "--method", "metakd", "--domain", "beta", "--best", "-o", str(out),
                  "--write-split", "test"]) == 0
@@ -210,7 +221,7 @@ def test_predict_eval_reproduces_the_test_accuracy_of_the_table(run_root, table,
     row = table[(table["student_key"] == choice.student_key) & (table["split"] == "test")].iloc[0]
     capsys.readouterr()
     for args in ([str(out)], [choice.student_key, "--sweep", str(run_root)],
-                 [str(run_root / "students" / choice.student_key)]):
+                 [str(cache / "students" / choice.student_key)]):
         assert main(["predict", *args, "--file", str(out / "test.jsonl"), "--eval", "-o", str(tmp_path / "p.jsonl")]) == 0
         printed = capsys.readouterr().out
         correct, n = map(int, re.search(r"accuracy [\d.]+% \((\d+)/(\d+) labelled rows\)", printed).groups())
@@ -228,23 +239,26 @@ def test_predict_eval_reproduces_the_test_accuracy_of_the_table(run_root, table,
 # ----------------------------------------------------------------------------- refusals
 
 
-def test_a_student_without_weights_is_refused_naming_it(run_root, table, tmp_path, capsys):
-    copy = tmp_path / "damaged"
+def test_a_student_without_weights_is_refused_naming_it(run_root, cache, table, tmp_path, capsys):
+    copy, copied_cache = tmp_path / "damaged", tmp_path / "damaged_cache"
     shutil.copytree(run_root, copy)
+    shutil.copytree(cache, copied_cache)
+    (copy / "cache.json").write_text(json.dumps({"cache": str(copied_cache)}))
+    assert _cache(copy) == copied_cache
     key = choose(table, "metakd", "alpha").student_key
-    (copy / "students" / key / "model.safetensors").unlink()
+    (copied_cache / "students" / key / "model.safetensors").unlink()
     assert main(["export", str(copy), "--method", "metakd", "--domain", "alpha", "--best", "-o",
                  str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("metakd: error: ") and f"students/{key}" in err and "model.safetensors" in err
-    assert main(["predict", str(copy / "students" / key), "--text", "a text"]) == 2
+    assert main(["predict", str(copied_cache / "students" / key), "--text", "a text"]) == 2
     assert f"students/{key}" in capsys.readouterr().err
 
 
 def test_keep_none_stores_no_weights_and_export_says_so(tmp_path, capsys):
     root = _run(tmp_path, "nokeep", methods=["student_ft"], seeds=[0], students={"keep": "none"},
                 distill={"epochs": 1, "lr": 1e-3, "batch_size": 16})
-    kept = {p.name for d in (root / "students").iterdir() for p in d.iterdir()}
+    kept = {p.name for d in (_cache(root) / "students").iterdir() for p in d.iterdir()}
     assert kept == {"_COMPLETE", "result.json"}
     capsys.readouterr()
     assert main(["export", str(root), "--method", "student_ft", "--domain", "alpha", "-o", str(tmp_path / "x")]) == 2
@@ -426,3 +440,14 @@ def test_a_multitask_teacher_exports_one_domains_head(tokenizer, tmp_path):
                  token_type_ids=batch["token_type_ids"]).logits
     assert (got - _metakd_logits(model, batch, domain=2)).abs().max() <= TOLERANCE
     assert (got - _metakd_logits(model, batch, domain=0)).abs().max() > 1e-3  # another head: other logits
+
+
+def test_an_export_that_does_not_reproduce_the_logits_is_removed(tokenizer, tmp_path, monkeypatch):
+    from metakd.export import hf
+    from metakd.export.artifacts import ExportError
+
+    monkeypatch.setattr(hf, "TOLERANCE", -1.0)  # any difference, even 0, is too much
+    model = _perturbed(EncoderClassifier(_encoder("bert"), 2, 3))
+    with pytest.raises(ExportError, match="differ from metakd's by .* nothing was exported"):
+        _export(model, tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

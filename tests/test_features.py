@@ -1,8 +1,10 @@
 """Prototype features: one frozen-encoder pass per (initial encoder, prepared data), stored and
-shared by every meta-teacher, sharded across ranks."""
+shared by every meta-teacher, sharded across ranks, claimed like a teacher."""
 
 from __future__ import annotations
 
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -12,8 +14,10 @@ import torch.multiprocessing as mp
 
 from metakd.config import ModelConfig, from_dict
 from metakd.data import EncodedSplit
+from metakd.jobs.registry import LocalRegistry
 from metakd.models import build_teacher
 from metakd.storage import Store
+from metakd.train import features
 from metakd.train.features import features_key, prototype_features
 from metakd.train.runtime import LocalRuntime
 from metakd.train.sharded import sharded_forward
@@ -87,6 +91,54 @@ def test_features_are_computed_once_and_shared_through_the_store(tmp_path):
     # another seed is another random encoder: computed anew
     prototype_features(_teacher(1), prepared, from_dict({}), 1, runtime, store)
     assert len(store.list_dirs("features")) == 2
+
+
+def test_trainers_side_by_side_claim_the_features_and_compute_them_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(features, "POLL_S", 0.02)
+    store = Store(str(tmp_path))
+    prepared = SimpleNamespace(key="data", train=_split())
+    registry = LocalRegistry()
+    models = {name: _teacher() for name in ("a", "b")}
+    rows = {name: _counting(model) for name, model in models.items()}
+    slow = models["a"].forward
+    started = threading.Event()
+
+    def slow_forward(*a, **k):  # a's pass is under way while b asks for the features
+        started.set()
+        time.sleep(0.3)
+        return slow(*a, **k)
+
+    models["a"].forward = slow_forward
+    out = {}
+
+    def trainer(name):
+        out[name] = prototype_features(models[name], prepared, from_dict({}), 0, LocalRuntime("cpu"), store,
+                                       registry.for_owner(name))
+
+    a = threading.Thread(target=trainer, args=("a",))
+    a.start()
+    assert started.wait(30)
+    trainer("b")
+    a.join()
+    assert sum(rows["a"]) == N and rows["b"] == []  # b waited for a's features instead of computing them
+    assert torch.equal(out["a"], out["b"]) and len(store.list_dirs("features")) == 1
+    rel = f"features/{features_key(from_dict({}), 0, 'data', 'cpu')}"
+    assert registry.backend.states([rel]) == {rel: ("done", None)}
+
+
+def test_a_trainer_that_fails_computing_the_features_gives_its_claim_back(tmp_path):
+    store = Store(str(tmp_path))
+    prepared = SimpleNamespace(key="data", train=_split())
+    registry = LocalRegistry()
+    broken = _teacher()
+    broken.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost"))
+    with pytest.raises(RuntimeError, match="device lost"):
+        prototype_features(broken, prepared, from_dict({}), 0, LocalRuntime("cpu"), store, registry.for_owner("a"))
+    rel = f"features/{features_key(from_dict({}), 0, 'data', 'cpu')}"
+    assert registry.backend.states([rel]) == {rel: ("missing", None)}  # the next one need not wait for it
+    feats = prototype_features(_teacher(), prepared, from_dict({}), 0, LocalRuntime("cpu"), store,
+                               registry.for_owner("b"))
+    assert feats.shape == (N, 64) and store.is_complete(rel)
 
 
 def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -1,4 +1,5 @@
-"""The Ray runner without Ray: what a run of each phase asks for, and the checkpoints a finished fit drops."""
+"""The Ray runner without Ray: what a run of each phase asks for, the checkpoints a finished fit drops,
+and which failures of a fit are a lost node."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 from types import SimpleNamespace
 
 from metakd.config import ResourcesConfig
-from metakd.jobs.ray_runner import RayRunner, drop_orphan_checkpoints
+from metakd.jobs.ray_runner import RayRunner, drop_orphan_checkpoints, lost_node
 from metakd.jobs.workers import RunPhase
 
 
@@ -56,3 +57,46 @@ def test_a_finished_fit_drops_checkpoints_train_never_registered(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_2", "result.json"]
     # a cloud storage path is not a local directory: nothing is touched
     assert drop_orphan_checkpoints(SimpleNamespace(path="s3://bucket/run", checkpoint=None)) == []
+
+
+def _actor_died(message: str, reason: str = "UNEXPECTED_TERMINATION"):
+    """An ActorDiedError as Ray builds it from the GCS's death context (message: the GCS's own text)."""
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext, NodeDeathInfo
+    from ray.exceptions import ActorDiedError
+
+    return ActorDiedError(ActorDiedErrorContext(error_message=message, actor_id=b"\x01" * 16, class_name="RayTrainWorker",
+                                                node_death_info=NodeDeathInfo(reason=getattr(NodeDeathInfo, reason))))
+
+
+def _worker_group_error(*failures):
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    return WorkerGroupError("workers failed", {rank: WorkerHealthCheckFailedError("A worker health check failed.", f)
+                                               for rank, f in enumerate(failures)})
+
+
+NODE_DIED = ("The actor died because its node has died. Node Id: 5d1f\n\tthe actor's node was terminated "
+             "unexpectedly: health check failed")
+PROCESS_DIED = "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR"
+
+
+def test_a_fit_that_lost_a_node_is_told_from_one_that_failed_on_its_own():
+    from ray.exceptions import NodeDiedError, RayTaskError
+
+    runner = _runner()
+    # a rank on the dead node (the others fail with collective errors of their own), however deep
+    assert runner.lost_node(_worker_group_error(RuntimeError("gloo: connection reset"), _actor_died(NODE_DIED)))
+    assert lost_node(_actor_died("Node was forcibly preempted", "AUTOSCALER_DRAIN_PREEMPTED"))  # preempted
+    try:
+        try:
+            raise NodeDiedError("node 5d1f is dead")
+        except NodeDiedError as e:
+            raise RuntimeError("fit failed") from e
+    except RuntimeError as chained:
+        assert lost_node(chained)
+    # not a lost node: a worker process that died on a live node, a Python error in training
+    assert not lost_node(_worker_group_error(_actor_died(PROCESS_DIED)))
+    task_error = RayTaskError("train_fn", "Traceback ...", ValueError("loss is nan"))
+    assert not lost_node(_worker_group_error(task_error))
+    assert not runner.lost_node(ValueError("a bad batch"))

@@ -66,3 +66,40 @@ def test_a_local_registry_cannot_travel_to_another_process():
     """A worker config holds the registry: under Ray it must be the actor's client (ray_registry)."""
     with pytest.raises(TypeError, match="ray_registry"):
         pickle.dumps(LocalRegistry())
+
+
+def test_a_renewal_that_fails_is_retried_and_the_lease_kept():
+    registry = LocalRegistry(lease_s=0.4, renew_s=0.1)
+    state = registry.backend
+    real, calls = state.renew, []
+
+    def flaky(keys, owner):  # the registry hiccups once (a busy actor, a network blip)
+        calls.append(keys)
+        if len(calls) == 1:
+            raise ConnectionError("registry unreachable")
+        return real(keys, owner)
+
+    state.renew = flaky
+    try:
+        assert registry.claim("k") == "mine"
+        time.sleep(1.2)  # three leases: only renewals after the failure keep it
+        assert len(calls) >= 3
+        assert state.claim("k", "other") == "wait" and state.states(["k"]) == {"k": ("running", "local")}
+    finally:
+        registry.close()
+
+
+def test_still_mine_says_whether_the_owner_may_publish():
+    a = LocalRegistry(lease_s=0.2, renew_s=100.0)  # renewals never come in time: the lease runs out
+    state, b = a.backend, a.for_owner("b")
+    assert a.claim("k") == "mine" and a.still_mine("k")
+    time.sleep(0.25)
+    assert a.still_mine("k")  # ran out, but nobody took it: still a's, renewed
+    time.sleep(0.25)
+    assert b.claim("k") == "mine"  # ran out again, and b took it over
+    assert not a.still_mine("k") and state.states(["k"]) == {"k": ("running", "b")}
+    assert not a.finish("k") and state.states(["k"]) == {"k": ("running", "b")}  # not a's to finish
+    assert b.finish("k", {"type": "teacher", "key": "k"})
+    assert not a.still_mine("k") and not b.still_mine("k")  # done: nothing left to publish
+    assert state.renew(["k", "x"], "b") == ["k", "x"]  # neither held by b any more
+    a.close(), b.close()

@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 
 from metakd.config import ResourcesConfig, from_dict
-from metakd.jobs.events import STUDENT, TEACHER, count_student_trainings, count_teacher_trainings, read_events
+from metakd.jobs import schedule as schedule_module
+from metakd.jobs.events import RUN_FAILED, STUDENT, TEACHER, count_student_trainings, count_teacher_trainings, \
+    read_events
 from metakd.jobs.experiment import LocalRunner, plan, run_experiment
 from metakd.jobs.ray_runner import RayRunner
 from metakd.jobs.registry import LocalRegistry
@@ -57,8 +59,9 @@ def _quiet(*_a, **_k):
 def test_both_runners_implement_the_runner_protocol(runner):
     assert isinstance(runner, Runner) and runner.poll_s > 0
     methods = [n for n, v in vars(Runner).items() if inspect.isfunction(v) and not n.startswith("_")]
-    assert sorted(methods) == ["available", "combined", "demand", "fits", "gpus_per_worker", "max_units", "start",
-                               "workers"]
+    assert sorted(methods) == ["available", "combined", "demand", "fits", "gpus_per_worker", "lost_node", "max_units",
+                               "start", "workers"]
+    assert isinstance(runner.max_failures, int) and runner.max_failures >= 0
     for name in methods:
         assert inspect.signature(getattr(type(runner), name)).parameters.keys() == \
             inspect.signature(getattr(Runner, name)).parameters.keys(), name
@@ -70,10 +73,14 @@ class FakeRunner:
     registry as a worker would."""
 
     poll_s = 0.01
+    max_failures = 0
 
     def __init__(self, combined: bool):
         self._combined = combined
         self.started: list[tuple[WorkerConfig, int, bool]] = []  # (config, workers, a job was ready)
+
+    def lost_node(self, error: BaseException) -> bool:
+        return isinstance(error, NodeLost)
 
     def combined(self) -> bool:
         return self._combined
@@ -149,6 +156,96 @@ def test_runs_get_the_trials_typed_config_and_students_wait_for_their_teachers(t
     else:  # a students run starts only when one of its jobs can start
         assert phases[0] is RunPhase.TEACHERS and RunPhase.STUDENTS in phases and RunPhase.BOTH not in phases
         assert all(ready for c, _, ready in runner.started if c.phase is RunPhase.STUDENTS)
+
+
+# ----------------------------------------------------------------------------- runs that fail
+
+
+class NodeLost(RuntimeError):
+    """What the fake runner's :meth:`FakeRunner.lost_node` takes for a node that died."""
+
+
+class FailingRunner(FakeRunner):
+    """The first ``len(errors)`` launches of run ``t-teachers-0`` claim a teacher, then raise the next
+    of ``errors``, as a run whose worker died in the middle of it (its lease renewals stop too)."""
+
+    def __init__(self, errors: list[BaseException], max_failures: int = 0):
+        super().__init__(combined=False)
+        self.errors, self.max_failures = list(errors), max_failures
+        self.interrupted: list[str] = []  # the teacher each failed launch held
+
+    def available(self) -> dict[str, float]:
+        return {"CPU": 1.0}  # room for one run: no other run takes the teacher a failed launch gave back
+
+    def start(self, config: WorkerConfig, workers: int) -> list[dict]:
+        if config.run == "t-teachers-0" and self.errors:
+            self.started.append((config, workers, False))
+            registry = config.registry.for_owner(config.run)
+            self.interrupted.append(next(s.key for s in config.specs if registry.claim(s.key) == "mine"))
+            registry.close()
+            raise self.errors.pop(0)
+        return super().start(config, workers)
+
+
+def _schedule(tmp_path, runner):
+    cfg = _cfg()
+    specs, jobs = plan(cfg, ["alpha", "beta"])
+    registry, store = LocalRegistry(), Store(str(tmp_path))
+    lines: list[str] = []
+    schedule = TrialSchedule(cfg, specs, jobs, {0: "data/d0"}, store, registry, runner, {"trial_id": "t", "part": "p"},
+                             "t", lines.append)
+    return schedule, specs, registry, store, lines
+
+
+def test_a_run_that_lost_its_node_gives_back_its_claim_and_starts_again_under_its_name(tmp_path):
+    # two lost nodes in a row, and no failure budget at all: a lost node is not the run's fault
+    runner = FailingRunner([NodeLost("node died"), NodeLost("node died again")], max_failures=0)
+    schedule, specs, registry, store, lines = _schedule(tmp_path, runner)
+    students, trained = schedule.run()
+
+    assert [c.attempt for c, _, _ in runner.started if c.run == "t-teachers-0"] == [1, 2, 3]
+    failed = read_events(store, RUN_FAILED)
+    assert [(e["run"], e["attempt"], e["lost_node"], e["retried"]) for e in failed] == \
+        [("t-teachers-0", 1, True, True), ("t-teachers-0", 2, True, True)]
+    assert [e["interrupted"] for e in failed] == [[k] for k in runner.interrupted]
+    assert all(e["trial_id"] == "t" for e in failed)
+    assert "NodeLost: node died" in failed[0]["error"]
+    # nothing lost, nothing twice: every teacher published and trained once, every job has its result
+    assert sorted(t["key"] for t in trained) == sorted(s.key for s in specs)
+    assert len(students) == len(schedule.jobs) and all(store.is_complete(s.rel) for s in specs)
+    assert any("t-teachers-0 lost a node (attempt 1" in line and "starting it again" in line for line in lines)
+    assert any("starting t-teachers-0 again (attempt 3)" in line for line in lines)
+    # the console's line comes from the registry's log
+    assert [r["run"] for r in registry.progress()[0] if r.get("type") == RUN_FAILED] == ["t-teachers-0"] * 2
+
+
+def test_a_run_that_failed_on_its_own_is_started_again_within_max_failures(tmp_path):
+    runner = FailingRunner([ValueError("a bad batch")], max_failures=1)
+    schedule, specs, _, store, _ = _schedule(tmp_path, runner)
+    _, trained = schedule.run()
+    assert sorted(t["key"] for t in trained) == sorted(s.key for s in specs)
+    (failed,) = read_events(store, RUN_FAILED)
+    assert not failed["lost_node"] and failed["retried"] and failed["attempt"] == 1
+
+
+def test_a_run_that_failed_more_than_max_failures_fails_the_trial_and_gives_back_its_claims(tmp_path):
+    runner = FailingRunner([ValueError("a bad batch"), ValueError("the same bad batch")], max_failures=1)
+    schedule, specs, registry, store, lines = _schedule(tmp_path, runner)
+    with pytest.raises(ValueError, match="the same bad batch"):
+        schedule.run()
+    assert [(e["attempt"], e["retried"]) for e in read_events(store, RUN_FAILED)] == [(1, True), (2, False)]
+    key = runner.interrupted[-1]
+    assert registry.states([key])[key] == ("missing", None)  # whoever comes next takes it
+    assert "giving up" in lines[-1]
+
+
+def test_lost_nodes_are_bounded_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(schedule_module, "LOST_NODE_RETRIES", 2)
+    runner = FailingRunner([NodeLost("1"), NodeLost("2"), NodeLost("3")], max_failures=5)
+    schedule, _, _, store, _ = _schedule(tmp_path, runner)
+    with pytest.raises(NodeLost, match="3"):
+        schedule.run()
+    assert [e["retried"] for e in read_events(store, RUN_FAILED)] == [True, True, False]
 
 
 # ----------------------------------------------------------------------------- trials sharing a store

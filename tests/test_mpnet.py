@@ -117,7 +117,7 @@ def test_mpnet_tokenisation_of_singles_and_pairs(mpnet):
 @pytest.mark.slow
 @needs_mpnet
 def test_mpnet_teacher_student_init_and_one_distillation_step(mpnet):
-    from metakd.train.student import Distiller
+    from metakd.train.distill import Distiller
 
     path, tok = mpnet
     teacher = build_teacher(ModelConfig(checkpoint=path, pooling="mean"), len(tok), 16, num_labels=2, num_domains=2)

@@ -13,7 +13,7 @@ from metakd.models import build_student, build_teacher
 from metakd.train import precision
 from metakd.train.loop import StageSettings, evaluate, train_stage
 from metakd.train.runtime import LocalRuntime
-from metakd.train.student import Distiller
+from metakd.train.distill import Distiller
 from metakd.train.teacher import teacher_loss_step
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")

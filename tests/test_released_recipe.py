@@ -80,8 +80,8 @@ def test_stage1_schedule_by_hand(schedule, moved):
     start = float(model.weight.detach())
     loader = [{"labels": torch.zeros(1, dtype=torch.long)}] * 2
     settings = StageSettings("stage1", 1, 0.1, warmup_ratio=0.1, weight_decay=0.0, keep_best=False, schedule=schedule)
-    train_stage(model, lambda m, b: m.weight.sum(), loader, None, ["a"], settings, LocalRuntime("cpu", log=lambda *_: 0),
-                "t")
+    runtime = LocalRuntime("cpu", log=lambda *_: None)
+    train_stage(model, lambda m, b: m.weight.sum(), loader, None, ["a"], settings, runtime, "t")
     assert start - float(model.weight.detach()) == pytest.approx(moved, abs=1e-6)
 
 

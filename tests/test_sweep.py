@@ -80,7 +80,7 @@ def test_teachers_and_baseline_students_are_trained_once_with_ddp_and_results_ar
     assert sorted(e["seed"] for e in teachers) == [0, 0, 0, 1, 1, 1]
     for e in teachers:  # a real 2-rank DDP run: rank 0 took half of every global batch, every epoch
         assert e["world_size"] == 2
-        summary = json.loads((root / "teachers" / e["key"] / "teacher.json").read_text())
+        summary = json.loads((storage / "cache" / "teachers" / e["key"] / "teacher.json").read_text())
         assert set(summary["epoch_examples"]) == {math.ceil(e["train_examples"] / 2)}
 
     df = results.load(str(root))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from metakd.storage import Store
-from metakd.sweep.progress import status_line, training_line, trial_table
+from metakd.sweep.progress import failure_line, status_line, training_line, trial_table
 from metakd.jobs.events import STUDENT, TEACHER, read_events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +62,14 @@ def test_progress_lines_say_what_finished_and_what_is_training():
     student = {"type": "student", "method": "metakd", "domain": "alpha", "seed": 0, "dev_accuracy": 0.5,
                "train_seconds": 2.0, "start": 0.0, "end": 2.0, "trial_id": "trial_driver_ab_00001"}
     assert training_line(student, 5, 6) == "student metakd alpha seed=0: dev 50.0% in 2.0s  [ab_00001] (students 5/6 done)"
+    lost = {"type": "run_failed", "run": "ab_00000-both-1", "attempt": 1, "lost_node": True,
+            "interrupted": ["t-meta-0"], "retried": True, "error": "WorkerGroupError: ..."}
+    assert failure_line(lost) == "run ab_00000-both-1 lost its node (attempt 1), interrupting 1 training: " \
+                                 "starting it again"
+    own = {**lost, "lost_node": False, "interrupted": [], "retried": False, "attempt": 4,
+           "error": "ValueError: a bad batch\nTraceback ..."}
+    assert failure_line(own) == "run ab_00000-both-1 failed (ValueError: a bad batch) (attempt 4), with nothing in " \
+                                "training: giving up, its trial fails"
     counts = {"teacher": {"needed": 3, "done": 1, "running": 2}, "student": {"needed": 6, "done": 0, "running": 0}}
     assert status_line(counts) == "teachers 1/3 trained, 2 training; students 0/6 trained"
     counts["teacher"].update(done=0, running=1)

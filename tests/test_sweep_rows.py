@@ -14,8 +14,12 @@ def test_failed_trial_keeps_finished_rows_and_marks_the_failure(tmp_path):
     results.write_part(root, result_rows(cfg, "s", "t1", done, {"gamma2": 0.5}), "cfg-x")
     assert _finished_rows(root, "cfg-missing") == []
 
-    results.write_part(root, _finished_rows(root, "cfg-x") + _failed_rows(cfg, "s", "t1", {"gamma2": 0.5}), "cfg-x")
+    why = "trial t1 failed: RuntimeError: boom"
+    results.write_part(root, _finished_rows(root, "cfg-x") + _failed_rows(cfg, "s", "t1", {"gamma2": 0.5}, why),
+                       "cfg-x")
     df = results.load(root)
     ok = df[df["status"] == "ok"].sort_values("split")
     assert ok["accuracy"].tolist() == [0.9, 0.8] and ok["domain"].tolist() == ["alpha", "alpha"]
-    assert (df["status"] == "failed").sum() == 2  # one seed x one method x 2 splits
+    assert ok["error"].isna().all()
+    failed = df[df["status"] == "failed"]
+    assert len(failed) == 2 and (failed["error"] == why).all()  # one seed x one method x 2 splits, with the reason

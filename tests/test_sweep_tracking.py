@@ -146,8 +146,9 @@ def test_tensorboard_has_tunes_view_per_trial_and_a_curve_per_training(sweep):
 def test_wandb_offline_has_a_run_per_trial_and_per_training(sweep):
     df, runs = sweep["results"], wandb_offline_runs(str(sweep["root"]))
     assert {r["group"] for r in runs} == {"smoke"}
-    trials = {r["name"]: r for r in runs if r["job_type"] == "trial"}
-    assert sorted(trials) == sorted(f"trial_driver_{t}" for t in df["trial_id"].unique())
+    trial_runs = [r for r in runs if r["job_type"] == "trial"]
+    assert sorted(r["name"] for r in trial_runs) == sorted(f"trial_driver_{t}" for t in df["trial_id"].unique())
+    trials = {r["name"]: r for r in trial_runs}
     for trial_id in df["trial_id"].unique():
         run = trials[f"trial_driver_{trial_id}"]
         assert run["config"]["gamma2"] == _gamma2(df, trial_id)
@@ -155,6 +156,8 @@ def test_wandb_offline_has_a_run_per_trial_and_per_training(sweep):
         for row in run["history"]:
             last.update(row)
         expected = _trial_metrics(df, trial_id)
+        missing = [k for k in expected if k not in last]
+        assert not missing, (missing, [h["_step"] for h in run["history"]], run["path"])
         assert {k: last[k] for k in expected} == pytest.approx(expected)
     trainings = [r for r in runs if r["job_type"] in ("teacher", "student")]
     assert sorted(r["config"]["key"] for r in trainings) == sorted(e["key"] for e in sweep["trainings"])

@@ -14,7 +14,7 @@ from metakd.data import EncodedSplit
 from metakd.models import build_student, build_teacher
 from metakd.train.loop import StageSettings, train_stage
 from metakd.train.runtime import LocalRuntime
-from metakd.train.student import Distiller
+from metakd.train.distill import Distiller
 from metakd.train import teacher_cache
 from metakd.train.teacher_cache import (MemoryReport, TeacherOutputs, TeacherStates, cache_budget, compute_outputs,
                                         save_outputs, states_bytes, teacher_caches)

@@ -7,7 +7,7 @@ import torch
 
 from metakd.config import ModelConfig, from_dict
 from metakd.models import build_student, build_teacher
-from metakd.train.student import Distiller
+from metakd.train.distill import Distiller
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

@@ -9,5 +9,6 @@
 - ``cli.py``: the two subcommands.
 
 Reads what the lower layers wrote: may import ``metakd.models``, ``storage``, ``data``, ``loader``,
-``methods``, ``config`` and ``report``; nothing below imports it.
+``methods``, ``config``, ``report`` and the layouts of ``jobs.cache`` (where a sweep's artifacts are)
+and ``train.teacher_cache`` (which data a teacher's outputs are of); nothing below imports it.
 """

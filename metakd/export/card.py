@@ -53,8 +53,7 @@ def student_card(choice: Choice, df: pd.DataFrame, export: dict, data_meta: dict
     data = cfg.get("data", {})
     lines = _front_matter(export) + [
         f"# {choice.method} student for domain `{choice.domain}`", "",
-        f"A `{choice.method}` student ({method.label if method else choice.method}; Meta-KD: Pan et al., ACL 2021) "
-        f"trained by metakd in `{sweep}` and exported by `metakd export`.", "",
+        f"Distilled by metakd (Meta-KD: Pan et al., ACL 2021) in `{sweep}` and exported by `metakd export`.", "",
         "| | |", "| --- | --- |",
         f"| method | `{choice.method}`: {method.label if method else ''} |",
         f"| target domain | `{choice.domain}` (of {', '.join(f'`{d}`' for d in (data_meta or {}).get('domains', []))}) |",
@@ -64,7 +63,7 @@ def student_card(choice: Choice, df: pd.DataFrame, export: dict, data_meta: dict
         f"| seed | {choice.seed} |",
         f"| why this student | {choice.reason} |",
         f"| configuration | {_params_text(choice.search_params)} (trial `{choice.trial_id}`) |",
-        f"| student key | `{choice.student_key}` (`students/{choice.student_key}` in the sweep) |",
+        f"| student key | `{choice.student_key}` (`students/{choice.student_key}` in the artifact cache of `{sweep}`) |",
         f"| architecture | {export['architecture']}, `{export['pooling']}` pooling, "
         f"{_int(row.get('student_layers'))} layers, hidden {_int(row.get('student_hidden'))}, "
         f"{_int(row.get('student_heads'))} heads |",

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..jobs.cache import artifact_store
 from ..storage import Store
 from .artifacts import ExportError, read_model_json, student_dir, teacher_dir, tokenizer_dir
 from .card import student_card, teacher_card
@@ -84,7 +85,7 @@ def _guard(fn):
 def cmd_export(args) -> int:
     from ..report import results
 
-    store = Store(args.path)
+    store = artifact_store(args.path)  # the cache the sweep's artifacts are in (metakd.jobs.cache)
     df = results.load(args.path)
     sweep = Path(str(args.path).rstrip("/")).name
     if args.teacher:
@@ -209,7 +210,7 @@ def cmd_predict(args) -> int:
     from .predict import label_ids, load_predictor, load_student, predict
 
     if args.sweep:
-        predictor = load_student(student_dir(Store(args.sweep), args.model))
+        predictor = load_student(student_dir(artifact_store(args.sweep), args.model))
     else:
         predictor = load_predictor(args.model)
     labels = predictor.id2label

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from ..models import EncoderClassifier
+from .artifacts import ExportError
 
 FORMAT = "metakd-export-1"
 TOLERANCE = 1e-4  # max |logit difference| a written model may show against metakd's (fp32; measured ~1e-6)
@@ -95,17 +97,22 @@ def export_model(model: EncoderClassifier, tokenizer, out: str | os.PathLike, pa
     hf_logging.disable_progress_bar()  # save_pretrained's one-shard "Writing model shards" bar
     labels = {int(i): str(n) for i, n in pack.id2label.items()}
     route = route_of(model)
-    if route == "transformers":
-        meta = _write_transformers(model, weight, bias, labels, out)
-    else:
-        meta = _write_onnx(model, weight, bias, labels, out, pack.domain_index)
-    tokenizer.model_max_length = pack.max_length
-    tokenizer.save_pretrained(str(out))
-    meta.update(format=FORMAT, route=route, encoder=type(model.encoder).__name__, pooling=model.pooling, max_length=pack.max_length,
-                truncation=pack.truncation, id2label={str(i): n for i, n in labels.items()},
-                parameters=sum(p.numel() for p in model.encoder.parameters()) + weight.numel() + bias.numel(),
-                source=pack.source or {})
-    meta["max_abs_diff"] = verify(model, out, meta, pack.domain_index)
+    try:
+        if route == "transformers":
+            meta = _write_transformers(model, weight, bias, labels, out)
+        else:
+            meta = _write_onnx(model, weight, bias, labels, out, pack.domain_index)
+        tokenizer.model_max_length = pack.max_length
+        tokenizer.save_pretrained(str(out))
+        meta.update(format=FORMAT, route=route, encoder=type(model.encoder).__name__, pooling=model.pooling,
+                    max_length=pack.max_length, truncation=pack.truncation,
+                    id2label={str(i): n for i, n in labels.items()},
+                    parameters=sum(p.numel() for p in model.encoder.parameters()) + weight.numel() + bias.numel(),
+                    source=pack.source or {})
+        meta["max_abs_diff"] = verify(model, out, meta, pack.domain_index)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # it was empty or absent: no half-written or unfaithful export stays
+        raise
     (out / "metakd.json").write_text(json.dumps(meta, indent=1))
     return meta
 
@@ -206,5 +213,6 @@ def verify(model: EncoderClassifier, out: Path, meta: dict, domain_index: int | 
     got = load_exported(out, meta).logits(batch)
     diff = float((got - ref).abs().max())
     if not diff <= TOLERANCE:
-        raise ValueError(f"{out}: the exported model's logits differ from metakd's by {diff:.3g} (> {TOLERANCE})")
+        raise ExportError(f"{out}: the exported model's logits differ from metakd's by {diff:.3g} (> {TOLERANCE}); "
+                          f"nothing was exported")
     return diff

@@ -18,6 +18,7 @@ from ..config import ExperimentConfig, ModelConfig, content_hash
 from ..data import data_identity, data_key, fingerprint, prepare, publish_prepared
 from ..methods import METHODS, STUDENT_KINDS
 from ..storage import Store
+from .claims import StoreClaims
 from .registry import RegistryClient
 from .schedule import Runner, TrialSchedule
 from ..train.precision import planned
@@ -37,10 +38,14 @@ class LocalRunner:
     then the students)."""
 
     poll_s = 0.05
+    max_failures = 0  # a run in this process fails only on an error of its own: launching it again repeats it
 
     def __init__(self):
         self._lock = threading.Lock()
         self._active = 0
+
+    def lost_node(self, error: BaseException) -> bool:
+        return False  # one process, no nodes
 
     def demand(self, phase: RunPhase) -> dict[str, float]:
         return {"run": 1.0}
@@ -73,11 +78,12 @@ class LocalRunner:
 
 
 def ensure(store: Store, registry: RegistryClient, items: dict[str, str], build: Callable[[list[str]], None], *,
-           poll_s: float = 1.0, timeout_s: float | None = None) -> list[str]:
+           poll_s: float = 1.0, timeout_s: float | None = None, claims: StoreClaims | None = None) -> list[str]:
     """Make every artifact in ``items`` (key -> store rel path) complete; return the keys built here.
 
     Keys already complete on the store are reused. Missing keys are claimed through the
-    registry; the ones this caller owns are built together by ``build(keys)``; the others
+    registry, and with ``claims`` on the store too (another sweep on the same cache may build
+    them now); the ones this caller owns are built together by ``build(keys)``; the others
     are waited for, and taken over if their owner releases them (it failed).
     """
     built: list[str] = []
@@ -91,19 +97,26 @@ def ensure(store: Store, registry: RegistryClient, items: dict[str, str], build:
                 del pending[key]
                 continue
             if registry.claim(key) == "mine":
-                mine.append(key)
+                if claims is None or claims.acquire(pending[key]):
+                    mine.append(key)
+                else:  # another sweep builds it: wait for its marker
+                    registry.release(key)
         if mine:
             try:
                 build(mine)
             except BaseException:
                 for key in mine:
                     registry.release(key)
+                    if claims is not None:
+                        claims.release(pending[key])
                 raise
             for key in mine:
                 if not store.is_complete(pending[key]):
                     registry.release(key)
                     raise RuntimeError(f"building {pending[key]} finished without a complete artifact on {store}")
                 registry.finish(key)
+                if claims is not None:
+                    claims.release(pending[key])
                 del pending[key]
             built.extend(mine)
         elif pending:
@@ -113,7 +126,8 @@ def ensure(store: Store, registry: RegistryClient, items: dict[str, str], build:
     return built
 
 
-def ensure_data(cfg: ExperimentConfig, store: Store, registry: RegistryClient, log=print) -> dict[int, str]:
+def ensure_data(cfg: ExperimentConfig, store: Store, registry: RegistryClient, log=print,
+                events: Store | None = None) -> dict[int, str]:
     """Prepared (split, subsampled, tokenised) data per seed, built once and shared: seed -> rel.
 
     The keys hold the fingerprint of the source's contents, hashed once here: edited files are
@@ -129,7 +143,11 @@ def ensure_data(cfg: ExperimentConfig, store: Store, registry: RegistryClient, l
                 log(f"preparing data for seed {seed} -> {store.uri(rel)}")
                 publish_prepared(prepare(cfg.data, seed, checkpoint, fingerprint=contents), store, rel)
 
-    ensure(store, registry, by_key, build)
+    claims = StoreClaims(store, events.root if events is not None else store.root, "data")
+    try:
+        ensure(store, registry, by_key, build, claims=claims)
+    finally:
+        claims.close()
     return rels
 
 
@@ -195,9 +213,13 @@ def plan(cfg: ExperimentConfig, domains: list[str], teacher_gpus: float | None =
 
 def run_experiment(cfg: ExperimentConfig, store: Store, registry: RegistryClient, runner: Runner, log=print,
                    on_students: Callable[[list[dict], list[dict]], None] | None = None,
-                   source: dict | None = None, run_prefix: str = "run", tracking=None) -> dict:
+                   source: dict | None = None, run_prefix: str = "run", tracking=None,
+                   events: Store | None = None) -> dict:
     """Prepare data, then train every missing teacher and student job as soon as it can start
     (:class:`metakd.jobs.schedule.TrialSchedule`), reusing whatever the store already holds.
+
+    ``store`` holds the artifacts (the cache of :mod:`metakd.jobs.cache`), ``events`` the event
+    files of the sweep or run (its directory; None: ``store``).
 
     ``source`` ({trial_id, part}) is recorded with every student trained here; a result whose
     ``part`` differs (another trial's configuration trained the same job) comes back with
@@ -209,7 +231,7 @@ def run_experiment(cfg: ExperimentConfig, store: Store, registry: RegistryClient
     "domains": [...]}.
     """
     source = source or {"trial_id": run_prefix, "part": run_prefix}
-    data_rels = ensure_data(cfg, store, registry, log)
+    data_rels = ensure_data(cfg, store, registry, log, events)
     data_meta = store.read_json(f"{next(iter(data_rels.values()))}/meta.json")
     domains = data_meta["domains"]
     for note in data_meta.get("notes", []):  # e.g. how many unlabelled rows were dropped
@@ -228,7 +250,7 @@ def run_experiment(cfg: ExperimentConfig, store: Store, registry: RegistryClient
             on_students(annotate(new), annotate(so_far))
 
     schedule = TrialSchedule(cfg, specs, jobs, data_rels, store, registry, runner, source, run_prefix, log, finished,
-                             tracking)
+                             tracking, events)
     students, trained = schedule.run()
     reused = len(specs) - len(trained)
     if specs:

@@ -11,12 +11,19 @@ none is left (:mod:`metakd.jobs.workers`) instead of one fit per teacher or stud
 - ``RunPhase.BOTH``: when a teacher worker and a student worker are the same (``workers_per_trial: 1``,
   equal GPUs per worker, no ``student_ddp``), a teacher run's one worker goes on to train student
   jobs once no teacher is left to claim, instead of ending and leaving them to a new fit.
+
+A fit that fails is not restarted by Train (``FailureConfig(max_failures=0,
+max_preemption_failures=0)``): the failure goes to the trial's driver, which can tell a lost
+node from other causes (:func:`lost_node`; Train itself tells only preemptions apart) and
+launches the run again under the same name, so that Train restores the run's latest checkpoint
+(:class:`~metakd.jobs.schedule.TrialSchedule`). One place counts every failure of a run.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import replace
 
 from ..config import ResourcesConfig
@@ -43,7 +50,7 @@ class RayRunner:
 
     poll_s = 1.0
 
-    def __init__(self, resources: ResourcesConfig, storage_path: str, max_failures: int = 1):
+    def __init__(self, resources: ResourcesConfig, storage_path: str, max_failures: int = 3):
         self.resources = resources
         self.storage_path = storage_path
         self.max_failures = max_failures
@@ -101,12 +108,14 @@ class RayRunner:
         trainer = TorchTrainer(
             ray_train_worker,
             # a fractional GPU (0.25: four workers on one) is what the worker's teacher cache may plan on
-            train_loop_config={"worker": replace(config, runtime="ray", ddp=ddp, gpu_share=min(1.0, gpus) or 1.0)},
+            train_loop_config={"worker": replace(config, runtime="ray", ddp=ddp, gpu_share=min(1.0, gpus) or 1.0,
+                                                 checkpoints=self.storage_path)},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus), resources_per_worker=per_worker),
             # independent student workers never talk to each other: gloo, whatever the devices
             torch_config=TorchConfig(backend="nccl" if gpus and ddp else "gloo"),
             run_config=RunConfig(name=config.run, storage_path=self.storage_path,
-                                 failure_config=FailureConfig(max_failures=self.max_failures),
+                                 # every failure goes to the trial's driver (see the module doc)
+                                 failure_config=FailureConfig(max_failures=0, max_preemption_failures=0),
                                  # resume needs only the latest checkpoint; older ones are deleted
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)),
         )
@@ -115,6 +124,88 @@ class RayRunner:
             raise result.error
         drop_orphan_checkpoints(result)
         return result.return_value or []
+
+    def lost_node(self, error: BaseException) -> bool:
+        """Whether a failed run's ``error`` says one of its nodes died (:func:`lost_node`)."""
+        return lost_node(error)
+
+
+# What Ray's GCS says of an actor whose node died ("The actor died because its node has died.
+# Node Id: ...\n\tthe actor's node was terminated unexpectedly: ..."); ActorDiedError keeps only
+# this message (and ``preempted``) of the node's death info.
+NODE_DIED = "because its node has died"
+
+
+def lost_node(error: BaseException, wait_s: float = 60.0) -> bool:
+    """Whether a failed fit's ``error`` was caused by a node that died, as far as Ray tells.
+
+    Anywhere in its chain (``__cause__``, ``__context__``, a Train worker group's failures per
+    rank, a worker health check's failure, a controller's failure, a task error's cause): a
+    ``NodeDiedError``; an actor error that is a preemption (``RayActorError.preempted``) or names
+    its node's death; or an actor error that does not say why (a health check that lost its worker
+    before Ray decided the node was dead: ``ActorUnavailableError``, connection reset) whose actor's
+    node the GCS marks dead within ``wait_s`` (:func:`_node_died_under`). One rank on a lost node is
+    enough: the other ranks of a DDP group then fail with collective errors of their own.
+    """
+    from ray.exceptions import NodeDiedError, RayActorError
+
+    todo, seen, actors = [error], set(), []
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, NodeDiedError):
+            return True
+        if isinstance(e, RayActorError):
+            if e.preempted or NODE_DIED in str(e):
+                return True
+            if e.actor_id:
+                actors.append(e.actor_id)
+        linked = [e.__cause__, e.__context__, getattr(e, "health_check_failure", None),
+                  getattr(e, "controller_failure", None), getattr(e, "cause", None),
+                  *(getattr(e, "worker_failures", None) or {}).values()]
+        todo += [x for x in linked if isinstance(x, BaseException)]
+    deadline = time.monotonic() + wait_s
+    return any(_node_died_under(actor, deadline) for actor in actors)
+
+
+def _node_died_under(actor_id: str, deadline: float) -> bool:
+    """Whether actor ``actor_id`` (hex) died with its node, waiting until ``deadline`` for the GCS to
+    say: it marks a node dead only after missed health checks (seconds), and the actor may be dead
+    already, killed by Train tearing down the failed run's workers (``RAY_KILL``). An actor whose
+    own process died (``WORKER_DIED``, out of memory) on a live node is not a lost node. False when
+    Ray cannot tell (not connected, the actor unknown)."""
+    import ray
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+
+    if not ray.is_initialized():
+        return False
+    try:
+        # no public API reads an actor's node without the dashboard's state server
+        from ray._private.state import actors
+
+        while True:
+            info = actors(actor_id=actor_id)
+            node = (info.get("Address") or {}).get("NodeID")
+            if not node:
+                return False
+            if not {n["NodeID"]: n["Alive"] for n in ray.nodes()}.get(node, False):
+                return True
+            cause = info.get("DeathCause")
+            if info.get("State") == "DEAD" and cause is not None:
+                if cause.HasField("oom_context"):
+                    return False
+                reason = cause.actor_died_error_context.reason
+                if reason == ActorDiedErrorContext.NODE_DIED:
+                    return True
+                if reason == ActorDiedErrorContext.WORKER_DIED:
+                    return False
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
+    except Exception:  # noqa: BLE001 - an answer we cannot get is "not a lost node": the failure counts
+        return False
 
 
 def drop_orphan_checkpoints(result) -> list[str]:

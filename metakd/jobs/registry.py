@@ -16,6 +16,17 @@ arbitrates between live trainers. :class:`RegistryState` holds
 :class:`LocalRegistry` keeps the state in this process (``metakd run``, tests);
 :func:`ray_registry` keeps it in a named Ray actor shared by every trial driver and worker of a
 sweep. Both are :class:`RegistryClient` s, which also travel inside a worker's config.
+
+The sweep's actor lives on the head node (:func:`ray_registry`), not wherever Ray finds room: a
+worker node can die at any time (spot reclaim, OOM), and an actor on it would take every trial's
+claims with it; the head holds the sweep's driver and the trial drivers, so its loss ends the
+sweep anyway. The actor is not restarted by Ray: a restarted one would start empty while
+trainers are still at work under claims it forgot, and the store's ``_COMPLETE`` markers tell a
+published artifact from a missing one, not from one in training, so an empty registry could let
+a second trainer start what a first is still training. If the actor dies all the same (its
+process killed on a live head), the trial drivers fail at their next call, their trials fail and
+the sweep exits 1; running the same command again creates a new actor, reads what is complete from the store and
+trains only what is missing.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import time
 
 NAMESPACE = "metakd"
 LEASE_S = 60.0
+HEAD_RESOURCE = "node:__internal_head__"  # every Ray head node advertises it
 RESERVE_S = 120.0  # an admission whose run never reported its start is forgotten after this long
 RETRY_S = 0.5  # first retry of a failed lease renewal
 GONE_S = 300.0  # a registry that has not answered renewals for this long is gone (the sweep ended)
@@ -133,6 +145,10 @@ class RegistryState:
         """The run holds its resources now (or ended): its admission no longer needs reserving."""
         self.admitted.pop(run, None)
 
+    def note(self, record: dict) -> None:
+        """Add ``record`` (a run that failed, ``metakd.jobs.schedule``) to the log the console prints."""
+        self.log.append(record)
+
     def progress(self, since: int = 0) -> tuple[list[dict], int, dict]:
         """(log records from index ``since``, next index, per artifact {needed, done, running} counts)."""
         live = {k for k in self.running if self._live(k)}
@@ -233,6 +249,9 @@ class RegistryClient:
     def started(self, run: str) -> None:
         self._call("started", run)
 
+    def note(self, record: dict) -> None:
+        self._call("note", record)
+
     def progress(self, since: int = 0):
         return self._call("progress", since)
 
@@ -296,15 +315,32 @@ def ray_registry(name: str, owner: str, lease_s: float = LEASE_S, detached: bool
     """A client of the named registry actor, created on first use.
 
     Detached for a sweep: trials and a restarted driver find the same actor by name; its state
-    only arbitrates between live trainers, the store keeps what is complete.
+    only arbitrates between live trainers, the store keeps what is complete. Created on the head
+    node, never on a worker node that may die under it (see the module doc).
     """
     import ray
 
     actor_cls = ray.remote(num_cpus=0)(RegistryState)
     options = {"name": name, "namespace": NAMESPACE, "get_if_exists": True}
+    head = head_node_id()
+    if head is not None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=False)
     if detached:
         options["lifetime"] = "detached"
     return RegistryClient(actor_cls.options(**options).remote(lease_s), owner)
+
+
+def head_node_id() -> str | None:
+    """The id of the cluster's head node (the live node with Ray's ``node:__internal_head__``
+    resource), or None when Ray names none."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and HEAD_RESOURCE in node.get("Resources", {}):
+            return node["NodeID"]
+    return None
 
 
 def sweep_registry(sweep: str, owner: str) -> RegistryClient:

@@ -9,21 +9,32 @@ from pathlib import Path
 import pandas as pd
 
 from ..report import analysis, results
-from ..config import ExperimentConfig, TrackingConfig, content_hash
+from ..config import ConfigError, ExperimentConfig, SearchConfig, TrackingConfig, content_hash
 from ..storage import Store
+from . import cache as artifact_cache
 from .experiment import LocalRunner, run_experiment
 from .registry import LocalRegistry
 from ..report.rows import curve_rows, result_rows, running_metrics
 
 
 def run_local(cfg: ExperimentConfig, root: str | None = None, use_ray: bool = False, log=print,
-              trackers: TrackingConfig | None = None) -> dict:
-    """Run ``cfg`` with its artifacts under ``root`` (default ``<output_dir>/<name>``); returns the run dict.
+              trackers: TrackingConfig | None = None, cache: str | None = None) -> dict:
+    """Run ``cfg``; returns the run dict. Results, curves and events go under ``root`` (default
+    ``<output_dir>/<name>``), the artifacts (prepared data, teachers, students) into ``cache``: by
+    default, with the default ``root``, the cache ``<output_dir>/cache`` that every run there shares
+    (:mod:`metakd.jobs.cache`); with a ``root`` given, ``root`` itself (a self-contained directory).
     ``trackers``: the experiment trackers to log to (``metakd run --tracking``)."""
     from .. import tracking
 
-    root = root or str(Path(cfg.output_dir) / cfg.name)
-    store = Store(root)
+    if root is None:
+        if cfg.name == artifact_cache.DIR:
+            raise ConfigError(f"name: '{cfg.name}' is the artifact cache's directory under output_dir; pick another")
+        root = str(Path(cfg.output_dir) / cfg.name)
+        cache = cache or artifact_cache.cache_root(cfg.output_dir)
+    events = Store(root)
+    store = Store(cache) if cache else events
+    if cache:
+        artifact_cache.link(events, store, log)
     config = run_part(cfg)
     resolved = tracking.resolve(trackers or TrackingConfig(), cfg.name, str(Path(root).resolve()), "--tracking")
     tracked, run_log = tracking.open_run(resolved, cfg.name, config, log)
@@ -35,13 +46,14 @@ def run_local(cfg: ExperimentConfig, root: str | None = None, use_ray: bool = Fa
 
         if not ray.is_initialized():
             ray.init(address="local", include_dashboard=False, log_to_driver=True)
-        runner = RayRunner(cfg.search.resources if cfg.search else _default_resources(), str(store.local_root / "ray"))
+        search = cfg.search or SearchConfig()
+        runner = RayRunner(search.resources, str(events.local_root / "ray"), search.max_failures)
         # Train workers are other processes: they reach the registry through a (run-scoped) actor
         registry = ray_registry(f"run-{cfg.name}-{uuid.uuid4().hex[:8]}", "run", detached=False)
     else:
         runner, registry = LocalRunner(), LocalRegistry()
     try:
-        out = run_experiment(cfg, store, registry, runner, log, tracking=tracked)
+        out = run_experiment(cfg, store, registry, runner, log, tracking=tracked, events=events)
     except BaseException:
         if run_log is not None:
             run_log.close(ok=False)
@@ -57,7 +69,7 @@ def run_local(cfg: ExperimentConfig, root: str | None = None, use_ray: bool = Fa
     for seed in cfg.seeds:
         results.write_part(root, [r for r in out["rows"] if r["seed"] == seed], f"{config}-seed{seed}")
         results.write_part(root, [r for r in curves if r["seed"] == seed], f"{config}-seed{seed}", "curves")
-    out["root"] = root
+    out["root"], out["cache"] = root, store.root
     out["parts"] = [f"{config}-seed{seed}" for seed in cfg.seeds]
     return out
 
@@ -70,12 +82,6 @@ def run_part(cfg: ExperimentConfig) -> str:
     """
     identity = {k: v for k, v in cfg.to_dict().items() if k not in ("name", "seeds", "output_dir", "search")}
     return f"cfg-{content_hash(identity)}"
-
-
-def _default_resources():
-    from ..config import ResourcesConfig
-
-    return ResourcesConfig()
 
 
 def format_table(rows: list[dict], split: str = "test") -> str:

@@ -14,10 +14,24 @@ in-process) whose workers pull work from the registry (:mod:`metakd.jobs.workers
   ``RunPhase.BOTH`` runs: their worker goes on to the student jobs once no teacher is left to
   claim, and counts as the trial's student run.
 
+A run that fails (its fit raised) gives back its claims at once, so that whoever takes them next
+trains them, and is launched again under the same name, so that Ray Train restores its latest
+checkpoint. An interrupted teacher resumes after its last checkpointed epoch, in this run or in
+whichever run takes it (which finds the lost run's checkpoint through the ``run_failed`` event:
+``metakd.jobs.workers``).
+A run that failed because a node died (:meth:`Runner.lost_node`: spot reclaim, OOM, a bad host)
+did nothing wrong: that does not count against ``runner.max_failures`` (``search.max_failures``),
+only against :data:`LOST_NODE_RETRIES`, a bound against endless loops. Past either limit the
+trial fails with the run's error. Each failure leaves an ``events/run_failed/`` file: the run,
+its attempt, whether a node was lost, the claims it gave back (what was interrupted). Runs of a
+trial with no work on the lost node do not notice it.
+
 Room is what Ray reports available less what earlier admissions promised to runs that have not
 started yet (:meth:`metakd.jobs.registry.RegistryState.admit`), so trials deciding at the same
 moment do not all count the same free CPUs. Jobs and teachers finished by anyone (another trial,
-an earlier driver) are read from the store, not trained again.
+an earlier driver, another sweep on the same cache) are read from the store, not trained again;
+those another sweep trains now (its live claim on the cache: :mod:`metakd.jobs.claims`) are
+waited for as if a run of this sweep trained them.
 
 Runs are started by a :class:`Runner`: threads in this process (``metakd.jobs.experiment.LocalRunner``)
 or ``TorchTrainer`` fits (``metakd.jobs.ray_runner.RayRunner``).
@@ -31,10 +45,17 @@ from typing import Callable, Protocol, runtime_checkable
 
 from ..config import ExperimentConfig
 from ..storage import Store
+from .claims import StoreClaims, claim_rel
+from .events import RUN_FAILED, write_event
 from .registry import RegistryClient
 from .workers import RunPhase, WorkerConfig
 from ..train.student import StudentJob
 from ..train.teacher import TeacherSpec
+
+# Launches of one run after failures caused by lost nodes: not a budget (a lost node is not the
+# run's fault), a bound on a cluster that keeps losing the nodes a run lands on.
+LOST_NODE_RETRIES = 10
+ELSEWHERE_S = 2.0  # how often a trial looks at the cache's claims: what other sweeps train now
 
 
 @runtime_checkable
@@ -46,6 +67,7 @@ class Runner(Protocol):
     """
 
     poll_s: float  # seconds between the schedule's looks at the registry
+    max_failures: int  # launches of a run again after failures of its own (not a lost node's)
 
     def combined(self) -> bool:
         """Whether teacher runs are ``RunPhase.BOTH`` runs (a teacher worker takes a student worker's resources)."""
@@ -81,13 +103,17 @@ class Runner(Protocol):
         returns what its rank-0 worker returned (teacher summaries, or student results)."""
         ...
 
+    def lost_node(self, error: BaseException) -> bool:
+        """Whether a failed run's ``error`` was caused by a node that died under it."""
+        ...
+
 
 class Run:
     """One launched run, working in a thread: ``fn()`` returns the summaries it trained."""
 
-    def __init__(self, run_id: str, phase: RunPhase, workers: int, fn):
-        self.id, self.phase, self.workers = run_id, phase, workers
-        self.value, self.error = None, None
+    def __init__(self, run_id: str, phase: RunPhase, units: int, workers: int, fn, attempt: int = 1):
+        self.id, self.phase, self.units, self.workers, self.attempt = run_id, phase, units, workers, attempt
+        self.value, self.error, self.started = None, None, time.time()
         self.thread = threading.Thread(target=self._work, args=(fn,), daemon=True, name=f"metakd-{run_id}")
         self.thread.start()
 
@@ -106,20 +132,27 @@ class TrialSchedule:
 
     ``data``: seed -> store rel path of the prepared data; ``source``: {trial_id, part}, recorded
     with every student trained here; ``on_students(new, so_far)``: called with the results of
-    jobs as they finish.
+    jobs as they finish. ``store`` holds the artifacts (the cache), ``events`` the event files
+    (the sweep's directory; None: ``store``).
     """
 
     def __init__(self, cfg: ExperimentConfig, specs: list[TeacherSpec], jobs: list[StudentJob], data: dict[int, str],
                  store: Store, registry: RegistryClient, runner: Runner, source: dict, run_prefix: str, log=print,
-                 on_students: Callable[[list[dict], list[dict]], None] | None = None, tracking=None):
+                 on_students: Callable[[list[dict], list[dict]], None] | None = None, tracking=None,
+                 events: Store | None = None):
         self.cfg, self.specs, self.jobs, self.data, self.source = cfg, specs, jobs, data, source
         self.tracking = tracking  # metakd.tracking.Tracking of the trial, handed to every run's workers
         self.store, self.registry, self.runner = store, registry, runner
+        self.events = events or store
+        self.claims = StoreClaims(store, self.events.root)  # only read here: what other sweeps train
+        self.elsewhere: dict[str, str] = {}  # key -> owner: trained by another sweep on the cache now
+        self.looked = float("-inf")
         self.prefix, self.log, self.on_students, self.poll_s = run_prefix, log, on_students, runner.poll_s
         self.runs: list[Run] = []
         self.launched = 0
         self.results: dict[str, dict] = {}  # job key -> result (trained here or elsewhere)
         self.teachers_trained: list[dict] = []
+        self.failures: dict[tuple[str, bool], int] = {}  # (run id, lost a node) -> failures so far
 
     def run(self) -> tuple[list[dict], list[dict]]:
         """(results in job order, summaries of the teachers this trial trained)."""
@@ -130,7 +163,7 @@ class TrialSchedule:
         try:
             while True:
                 self._collect_runs()
-                states = self.registry.states(keys)
+                states = self._with_elsewhere(self.registry.states(keys))
                 self._read_finished(states)
                 if len(self.results) == len(self.jobs):
                     break
@@ -155,15 +188,61 @@ class TrialSchedule:
             if states[key][0] != "done" and self.store.is_complete(rel):
                 self.registry.finish(key)
 
+    def _with_elsewhere(self, states: dict) -> dict:
+        """``states`` with what other sweeps on the cache do (looked at every ``ELSEWHERE_S``): a key
+        missing here that another sweep holds a live cache claim on is ("running", that owner), so
+        no run is launched for it; once that claim is gone, a key the other sweep published is done."""
+        if time.monotonic() - self.looked >= ELSEWHERE_S:
+            self.looked = time.monotonic()
+            rels = {s.key: s.rel for s in self.specs} | {j.key: j.rel for j in self.jobs}
+            listed = self.claims.listed()
+            before, self.elsewhere = self.elsewhere, {}
+            for key, (state, _) in states.items():
+                if state != "missing":
+                    continue
+                claim = self.claims.foreign(rels[key]) if claim_rel(rels[key]) in listed else None
+                if (claim is not None or key in before) and self.store.is_complete(rels[key]):
+                    self.registry.finish(key)  # published there (its claim may linger until its next claim)
+                    states[key] = ("done", None)
+                elif claim is not None:
+                    self.elsewhere[key] = f"{claim.group}:{claim.owner}"
+                    if key not in before:
+                        self.log(f"{rels[key]}: being trained by another sweep ({self.elsewhere[key]}); waiting for it")
+        return {k: ("running", self.elsewhere[k]) if k in self.elsewhere and v[0] == "missing" else v
+                for k, v in states.items()}
+
     def _collect_runs(self) -> None:
         for run in [r for r in self.runs if r.done()]:
             self.runs.remove(run)
             self.registry.started(run.id)  # drop its admission if it never got to start
             if run.error is not None:
-                self.registry.release_owner(run.id)
-                raise run.error
-            if run.phase.trains_teachers:
+                self._retry(run)
+            elif run.phase.trains_teachers:
                 self.teachers_trained.extend(run.value or [])
+
+    def _retry(self, run: Run) -> None:
+        """A failed run: its claims go back, an event says what was interrupted, and it starts
+        again under its name, or the trial fails with its error (see the module doc)."""
+        interrupted = self.registry.release_owner(run.id)  # first: telling a lost node may take seconds
+        lost = self.runner.lost_node(run.error)
+        count = self.failures[(run.id, lost)] = self.failures.get((run.id, lost), 0) + 1
+        again = count <= (LOST_NODE_RETRIES if lost else self.runner.max_failures)
+        error = f"{type(run.error).__name__}: {run.error}"
+        record = {"type": RUN_FAILED, "key": run.id, "run": run.id, "trial_id": self.source.get("trial_id"),
+                  "phase": str(run.phase), "attempt": run.attempt, "lost_node": lost, "interrupted": interrupted,
+                  "retried": again, "start": run.started, "end": time.time(), "error": error[:2000]}
+        write_event(self.events, RUN_FAILED, record)
+        self.registry.note(record)
+        cause = "lost a node" if lost else "failed"
+        self.log(f"{run.id} {cause} (attempt {run.attempt}; gave back {interrupted or 'no claims'}): "
+                 f"{error.splitlines()[0][:300]}" + ("; starting it again" if again else "; giving up"))
+        if not again:
+            raise run.error
+        per_unit = self.runner.demand(run.phase)
+        # at least one unit even without room: the run was admitted before, and a cluster that lost
+        # a node sees the demand only from a launched run
+        units = self.registry.admit(run.id, per_unit, run.units, self.runner.available(), True)
+        self._start(run.id, run.phase, units, attempt=run.attempt + 1)
 
     def _read_finished(self, states: dict) -> None:
         new = []
@@ -193,7 +272,7 @@ class TrialSchedule:
             run_id, n = self._admit(phase, 1, per_run, available, runs)
             if n == 0:
                 return
-            self._start(run_id, phase, self.runner.workers(phase, 1))
+            self._start(run_id, phase, 1)
             runs.append(self.runs[-1])
 
     def _launch_students(self, states: dict, available: dict) -> None:
@@ -211,14 +290,18 @@ class TrialSchedule:
         per_unit, units = self.runner.demand(phase), self.runner.max_units(phase)
         run_id, n = self._admit(phase, min(units, open_jobs), per_unit, available, runs)
         if n > 0:
-            self._start(run_id, phase, self.runner.workers(phase, n))
+            self._start(run_id, phase, n)
 
-    def _start(self, run_id: str, phase: RunPhase, workers: int) -> None:
-        self.launched += 1
+    def _start(self, run_id: str, phase: RunPhase, units: int, attempt: int = 1) -> None:
+        """Launch run ``run_id`` of ``units`` admitted units; ``attempt``: 1, or 1 + its failed launches."""
+        self.launched += attempt == 1  # a run launched again keeps its name
+        workers = self.runner.workers(phase, units)
         what = {RunPhase.TEACHERS: f"{len(self.specs)} teacher(s)",
                 RunPhase.STUDENTS: f"{len(self.jobs)} student job(s)",
                 RunPhase.BOTH: f"{len(self.specs)} teacher(s), then {len(self.jobs)} student job(s)"}[phase]
-        self.log(f"starting {run_id}: {workers} worker(s) for {what}")
+        self.log(f"starting {run_id}" + (f" again (attempt {attempt})" if attempt > 1 else "")
+                 + f": {workers} worker(s) for {what}")
         config = WorkerConfig(phase, run_id, self.cfg, self.store.root, self.data, self.registry, self.source,
-                              tuple(self.specs), tuple(self.jobs), tracking=self.tracking)
-        self.runs.append(Run(run_id, phase, workers, lambda: self.runner.start(config, workers)))
+                              tuple(self.specs), tuple(self.jobs), tracking=self.tracking, attempt=attempt,
+                              events=self.events.root)
+        self.runs.append(Run(run_id, phase, units, workers, lambda: self.runner.start(config, workers), attempt))

@@ -19,6 +19,13 @@ the sweep console prints. A student job's result is an artifact like a teacher:
 trial trained reads it instead of training it again; under ``students.keep: all`` the student's
 weights, architecture and tokenizer are published in the same directory (``metakd export`` reads them).
 
+Faults of one training are that training's outcome, not the run's: a student job whose loss
+goes NaN or infinite, or that runs out of device memory, gets a failed result naming it
+(``status: failed``, ``error``) and the worker goes on; a teacher whose loss goes NaN fails with
+``teachers/<key>/failed.json``, and the jobs that need it get failed results naming it instead
+of waiting for it. Rank 0 asks the registry right before publishing whether the key is still
+its own (``RegistryClient.still_mine``): a trainer whose lease ran out drops its work.
+
 What a run's workers receive is one :class:`WorkerConfig` (a dataclass: Ray pickles it into
 every Train worker); its ``phase`` picks the function (:data:`WORKER_FN`).
 """
@@ -37,8 +44,10 @@ import torch
 from ..config import ExperimentConfig
 from ..data import load_prepared
 from ..storage import Store
-from .events import STUDENT, TEACHER, worker_name, write_event
+from .claims import StoreClaims
+from .events import RUN_FAILED, STUDENT, TEACHER, read_events, worker_name, write_event
 from .registry import RegistryClient
+from ..train.loop import NonFiniteLoss
 from ..train.runtime import LocalRuntime, make_runtime
 from ..train.student import StudentJob, failed_student, train_student
 from ..train.teacher_cache import free_device_memory
@@ -46,6 +55,8 @@ from ..train.teacher import TeacherSpec, train_one_teacher
 from ..tracking import Tracking, Training, track_training
 
 POLL_S = 1.0
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's registered checkpoints
+TEACHER_FAILED = "failed.json"  # teachers/<key>/failed.json: why a teacher failed (no _COMPLETE marker beside it)
 
 
 class RunPhase(str, Enum):
@@ -75,7 +86,7 @@ class WorkerConfig:
     phase: RunPhase
     run: str  # this run's id: the owner of its registry claims
     experiment: ExperimentConfig
-    store: str  # the store's root
+    store: str  # the root of the store the artifacts are on (the cache: metakd.jobs.cache)
     data: dict[int, str]  # seed -> store rel path of the prepared data
     registry: RegistryClient
     source: dict  # {trial_id, part} of the trial: recorded with each student result as ``trained_by``
@@ -85,6 +96,16 @@ class WorkerConfig:
     ddp: bool = False  # student runs on Ray: all workers are DDP ranks of one job at a time (student_ddp)
     gpu_share: float = 1.0  # of its GPU each worker has (student_gpus_per_worker 0.25: 0.25); sizes the teacher cache
     tracking: Tracking | None = None  # the experiment trackers each training's curve goes to (metakd.tracking)
+    attempt: int = 1  # this launch of the run: 1, or 1 + its failed launches (metakd.jobs.schedule), in events
+    events: str | None = None  # the root of the store the event files go to (the sweep's; None: store)
+    checkpoints: str | None = None  # where Ray Train keeps each run's checkpoints, <checkpoints>/<run>/ (on Ray)
+
+
+def _stores(config: WorkerConfig) -> tuple[Store, Store, StoreClaims]:
+    """(artifacts, events, claims on the artifacts): the worker's view of its cache and its sweep."""
+    store = Store(config.store)
+    events = Store(config.events) if config.events else store
+    return store, events, StoreClaims(store, events.root, config.run)
 
 
 def _from_rank_zero(runtime, value):
@@ -98,7 +119,8 @@ def _from_rank_zero(runtime, value):
 
 def _record(what: str, runtime, run: str, start: float, end: float, **fields) -> dict:
     return {"type": what, **fields, "start": start, "end": end, "run": run, "worker": worker_name(),
-            "rank": runtime.rank, "world_size": runtime.world_size, "device": str(runtime.device)}
+            "rank": runtime.rank, "world_size": runtime.world_size, "device": str(runtime.device),
+            "gpu_share": getattr(runtime, "gpu_share", 1.0)}
 
 
 def _finished(store: Store, registry: RegistryClient, event: str, record: dict) -> None:
@@ -122,9 +144,10 @@ class _Prepared:
 
 def teacher_worker(config: WorkerConfig) -> list[dict]:
     """Per-worker function of a teacher run: train the trial's missing teachers (``config.specs``)
-    one after another. Returns the summaries of the teachers trained here."""
+    one after another; one that another run lost with its node resumes from that run's last
+    checkpoint (:func:`_resume_point`). Returns the summaries of the teachers trained here."""
     cfg = config.experiment
-    store = Store(config.store)
+    store, events, claims = _stores(config)
     runtime = make_runtime(config.runtime, cfg.device, epoch_checkpoints=True, gpu_share=config.gpu_share)
     registry = config.registry.for_owner(config.run)
     specs = config.specs
@@ -134,48 +157,147 @@ def teacher_worker(config: WorkerConfig) -> list[dict]:
     summaries = []
     try:
         while True:
-            index = _claim_teacher(specs, registry, store) if runtime.is_main else None
+            index = _claim_teacher(specs, registry, store, claims) if runtime.is_main else None
             index = _from_rank_zero(runtime, index)
             if index is None:
                 break
             spec = specs[index]
-            with tempfile.TemporaryDirectory(prefix="metakd-teacher-") as out:
+            resume = _resume_point(events, config, spec.key) if runtime.is_main else None
+            resume = _from_rank_zero(runtime, resume)
+            with tempfile.TemporaryDirectory(prefix="metakd-teacher-") as out, \
+                    tempfile.TemporaryDirectory(prefix="metakd-resume-") as resume_dir:
+                runtime.resume_dir = _fetch_checkpoint(resume, resume_dir)
                 start = time.time()
-                with track_training(config.tracking, Training.of_teacher(spec), runtime) as curves:
-                    summary = train_one_teacher(spec, cfg, prepared(spec.seed), runtime, out, store)
-                    curves.finish(summary)
+                try:
+                    with track_training(config.tracking, Training.of_teacher(spec), runtime) as curves:
+                        summary = train_one_teacher(spec, cfg, prepared(spec.seed), runtime, out, store,
+                                                    claims=registry)
+                        curves.finish(summary)
+                except NonFiniteLoss as e:  # every rank stops at once (train_stage agrees): the run goes on
+                    if runtime.is_main:
+                        _teacher_failed(store, registry, runtime, config.run, spec, f"{e} (teacher {spec.key})",
+                                        start, events)
+                    continue
                 end = time.time()
                 summary["wall_seconds"] = end - start
                 if runtime.is_main:
+                    if not _still_mine(registry, spec.key, runtime):
+                        continue  # another owner trains it now and publishes it
                     store.publish_dir(out, spec.rel)
                     record = _record("teacher", runtime, config.run, start, end, key=spec.key, kind=spec.kind,
                                      domain=spec.domain, seed=spec.seed, dev_accuracy=summary["dev_accuracy"],
-                                     train_seconds=summary["train_seconds"], train_examples=summary["train_examples"])
-                    _finished(store, registry, TEACHER, record)
+                                     train_seconds=summary["train_seconds"], train_examples=summary["train_examples"],
+                                     resumed_epochs=summary.get("resumed_epochs", 0), attempt=config.attempt)
+                    _finished(events, registry, TEACHER, record)
             summaries.append(summary)
     finally:
+        claims.close()
         registry.close()
     return summaries
 
 
-def _claim_teacher(specs: tuple[TeacherSpec, ...], registry, store: Store) -> int | None:
+def _teacher_failed(store: Store, registry: RegistryClient, runtime, run: str, spec: TeacherSpec, error: str,
+                    start: float, events: Store | None = None) -> None:
+    """A teacher whose training failed on its own (a non-finite loss): why is written to
+    ``teachers/<key>/failed.json`` (no _COMPLETE marker) and its key is done in the registry, so
+    the student jobs waiting for it become failed results naming it (:func:`_teacher_failure`)
+    instead of waiting forever. A later run of the sweep (a restarted driver) trains it again."""
+    runtime.log(error)
+    if not _still_mine(registry, spec.key, runtime):
+        return
+    end = time.time()
+    store.write_json(f"{spec.rel}/{TEACHER_FAILED}", {"key": spec.key, "kind": spec.kind, "domain": spec.domain,
+                                                      "seed": spec.seed, "status": "failed", "error": error})
+    record = _record("teacher", runtime, run, start, end, key=spec.key, kind=spec.kind, domain=spec.domain,
+                     seed=spec.seed, dev_accuracy=None, train_seconds=end - start, train_examples=None,
+                     status="failed", error=error)
+    _finished(events or store, registry, TEACHER, record)
+
+
+def _teacher_failure(store: Store, job: StudentJob) -> str | None:
+    """Why ``job`` cannot be trained: its teacher failed (:func:`_teacher_failed`); None when the
+    teacher is published or the job needs none."""
+    if job.teacher_rel is None or store.is_complete(job.teacher_rel):
+        return None
+    try:
+        failure = store.read_json(f"{job.teacher_rel}/{TEACHER_FAILED}")
+    except FileNotFoundError:
+        return None  # neither published nor failed: fetch_dir says so
+    return (f"student {job.method}:{job.domain} seed={job.seed} (job {job.key}) not trained: its teacher failed: "
+            f"{failure['error']}")
+
+
+def _still_mine(registry: RegistryClient, key: str, runtime) -> bool:
+    """Asked right before publishing ``key``: whether this owner still holds it. A lease that ran out
+    while the training went on (renewals failed for longer than the lease) may have let another
+    owner take the key over; then this owner's work is dropped, not published over theirs."""
+    if registry.still_mine(key):
+        return True
+    runtime.log(f"lost the lease on {key} while training it: another owner took it over, so this training "
+                f"is dropped, not published")
+    return False
+
+
+def _resume_point(events: Store, config: WorkerConfig, key: str) -> str | None:
+    """Where this run resumes teacher ``key`` that another run lost (a node died under it: its
+    ``run_failed`` event names the teacher): the URI of the latest checkpoint Ray Train registered
+    for that run (its ``checkpoint_manager_snapshot.json``), or None. This run's own checkpoint Ray
+    Train restores anyway; train_stage takes whichever of the two belongs to this teacher and is
+    further on."""
+    if config.checkpoints is None:
+        return None
+    lost = [e["run"] for e in read_events(events, RUN_FAILED) if key in (e.get("interrupted") or ())]
+    runs = Store(config.checkpoints)
+    for run in reversed([r for r in lost if r != config.run]):  # the newest failure first
+        try:
+            latest = runs.read_json(f"{run}/{TRAIN_SNAPSHOT}")["latest_checkpoint_result"]["checkpoint_dir_name"]
+        except (OSError, KeyError, TypeError, ValueError):  # none registered, or a snapshot we cannot read
+            continue
+        return runs.uri(f"{run}/{latest}")
+    return None
+
+
+def _fetch_checkpoint(uri: str | None, into: str) -> str | None:
+    """A copy under ``into`` of the Ray Train checkpoint at ``uri`` (a path or an s3:// / gs:// URI);
+    None when there is none, or it went away meanwhile (its run went on and replaced it)."""
+    if uri is None:
+        return None
+    import ray.train
+
+    try:
+        return ray.train.Checkpoint(uri).to_directory(f"{into}/checkpoint")
+    except Exception:  # noqa: BLE001 - no resume point: the teacher trains from its start
+        return None
+
+
+def _claim_teacher(specs: tuple[TeacherSpec, ...], registry, store: Store,
+                   claims: StoreClaims | None = None) -> int | None:
     """Index of the next teacher this run trains (claimed), or None when every one is done or taken."""
+    if claims is not None:
+        claims.release_all()  # one teacher at a time: the one before is published, or failed
     states = registry.states([s.key for s in specs])
     for i, spec in enumerate(specs):
         state, holder = states[spec.key]
         if state == "done" or (state == "running" and holder != registry.owner):  # own claim: a restarted run
             continue
-        if _claim(spec, registry, store):
+        if _claim(spec, registry, store, claims):
             return i
     return None
 
 
-def _claim(item: TeacherSpec | StudentJob, registry: RegistryClient, store: Store) -> bool:
-    """Whether this owner now trains ``item``: claimed, and not published already (before a restart;
-    then it is marked done instead)."""
+def _claim(item: TeacherSpec | StudentJob, registry: RegistryClient, store: Store,
+           claims: StoreClaims | None = None) -> bool:
+    """Whether this owner now trains ``item``: claimed in the registry and, with ``claims``, on the
+    cache (another sweep may train it now: then the registry claim goes back), and not published
+    already (before a restart, or by another sweep; then it is marked done instead)."""
     if registry.claim(item.key) != "mine":
         return False
-    if store.is_complete(item.rel):
+    if not store.is_complete(item.rel) and claims is not None and not claims.acquire(item.rel):
+        registry.release(item.key)
+        return False
+    if store.is_complete(item.rel):  # looked at again: published by whoever held the cache claim before
+        if claims is not None:
+            claims.release(item.rel)
         registry.finish(item.key)
         return False
     return True
@@ -185,7 +307,7 @@ def student_worker(config: WorkerConfig) -> list[dict]:
     """Per-worker function of a student run: train the trial's student jobs (``config.jobs``) as
     their teachers appear. Returns the results trained here."""
     cfg = config.experiment
-    store = Store(config.store)
+    store, events, claims = _stores(config)
     if config.runtime == "ray" and not config.ddp:
         import ray.train.torch
 
@@ -208,7 +330,7 @@ def student_worker(config: WorkerConfig) -> list[dict]:
     results = []
     try:
         while True:
-            step = _next_student(jobs, registry, store, teachers_published) if runtime.is_main else None
+            step = _next_student(jobs, registry, store, teachers_published, claims) if runtime.is_main else None
             step = _from_rank_zero(runtime, step)
             if step == "stop":
                 break
@@ -216,42 +338,60 @@ def student_worker(config: WorkerConfig) -> list[dict]:
                 time.sleep(POLL_S)
                 continue
             job = jobs[step]
-            teacher_dir = store.fetch_dir(job.teacher_rel) if job.teacher_rel else None
+            failure = _teacher_failure(store, job)
+            teacher_dir = store.fetch_dir(job.teacher_rel) if job.teacher_rel and failure is None else None
             start = time.time()
+            published = False
             with tempfile.TemporaryDirectory(prefix="metakd-student-") as out:
                 # students.keep all: the student itself beside result.json, published with it in one artifact
                 keep_dir = out if cfg.students.keep == "all" else None
-                with track_training(config.tracking, Training.of_student(job), runtime) as curves:
-                    result = _train_or_fail(job, cfg, prepared(job.seed), teacher_dir, runtime, keep_dir)
-                    curves.finish(result)
+                if failure is not None:
+                    runtime.log(failure)
+                    result = failed_student(job, failure, 0.0)
+                else:
+                    with track_training(config.tracking, Training.of_student(job), runtime) as curves:
+                        result = _train_or_fail(job, cfg, prepared(job.seed), teacher_dir, runtime, keep_dir)
+                        curves.finish(result)
                 end = time.time()
                 result.update(student_key=job.key, trained_by=config.source)
                 if runtime.is_main:
                     with open(f"{out}/result.json", "w") as f:
                         json.dump(result, f)
-                    _publish_result(store, out, job, result)
-            if runtime.is_main:
+                    published = _publish_result(store, registry, out, job, result, runtime)
+            if published:
                 record = _record("student", runtime, config.run, start, end, key=job.key, method=job.method,
                                  domain=job.domain, seed=job.seed, teacher_key=job.teacher_key,
                                  dev_accuracy=result["dev_accuracy"], train_seconds=result["train_seconds"],
                                  trial_id=config.source.get("trial_id"), status=result.get("status", "ok"),
-                                 error=result.get("error"))
-                _finished(store, registry, STUDENT, record)
+                                 error=result.get("error"), attempt=config.attempt)
+                if failure is None:
+                    _finished(events, registry, STUDENT, record)
+                else:  # nothing was trained: no event (they count trainings); the console still says why
+                    registry.finish(job.key, record)
             results.append(result)
     finally:
+        claims.close()
         registry.close()
     return results
 
 
 def _train_or_fail(job: StudentJob, cfg: ExperimentConfig, prepared, teacher_dir: str | None, runtime,
                    keep_dir: str | None) -> dict:
-    """:func:`train_student`'s result; or, when the job runs out of device memory on a worker of its
-    own, a failed result naming the job (:func:`failed_student`), so that the worker's other jobs,
-    and the other workers, go on. DDP ranks wait for each other in collectives, so there the
-    error fails the run."""
+    """:func:`train_student`'s result; or a failed result naming the job (:func:`failed_student`),
+    so that the worker's other jobs, and the other workers, go on, when the job failed on its own:
+
+    - its training loss became NaN or infinite (:class:`NonFiniteLoss`: its numbers would be noise);
+      DDP ranks stop together there, so this holds for a DDP job too;
+    - it ran out of device memory on a worker of its own. DDP ranks wait for each other in
+      collectives, so there the error fails the run.
+
+    Any other error is a bug, not an outcome of the job: it fails the run."""
     start = time.time()
     try:
         return train_student(job, cfg, prepared, teacher_dir, runtime, keep_dir)
+    except NonFiniteLoss as e:  # its message starts with the job: "student <method>:<domain> seed=<seed>: ..."
+        error = (f"{e} (job {job.key}) -- recorded as failed, the worker's other jobs go on and a later run of "
+                 f"this sweep trains it again")
     except torch.cuda.OutOfMemoryError as e:
         if runtime.world_size > 1:
             raise
@@ -265,14 +405,19 @@ def _train_or_fail(job: StudentJob, cfg: ExperimentConfig, prepared, teacher_dir
     return failed_student(job, error, time.time() - start)
 
 
-def _publish_result(store: Store, out: str, job: StudentJob, result: dict) -> None:
+def _publish_result(store: Store, registry: RegistryClient, out: str, job: StudentJob, result: dict,
+                    runtime) -> bool:
     """A trained job's directory becomes its complete artifact. A failed job's result.json is written
     without the _COMPLETE marker: this run's trials read it as the job's result (a failed row), and
-    a later run (a restarted sweep driver) trains the job again."""
+    a later run (a restarted sweep driver) trains the job again. Neither when this owner lost the
+    job to another (:func:`_still_mine`): then False, and the job is not finished here."""
+    if not _still_mine(registry, job.key, runtime):
+        return False
     if result.get("status", "ok") == "ok":
         store.publish_dir(out, job.rel)
     else:
         store.write_json(f"{job.rel}/result.json", result)
+    return True
 
 
 def teacher_then_student_worker(config: WorkerConfig) -> list[dict]:
@@ -290,13 +435,17 @@ WORKER_FN = {RunPhase.TEACHERS: teacher_worker, RunPhase.STUDENTS: student_worke
              RunPhase.BOTH: teacher_then_student_worker}
 
 
-def _next_student(jobs: tuple[StudentJob, ...], registry, store: Store, teachers_published: set[str]):
+def _next_student(jobs: tuple[StudentJob, ...], registry, store: Store, teachers_published: set[str],
+                  claims: StoreClaims | None = None):
     """The index of the next job this worker trains (claimed), "wait" or "stop".
 
-    "wait": nothing to claim now, but a teacher some remaining job needs is being trained.
+    "wait": nothing to claim now, but a teacher some remaining job needs is being trained (here,
+    or by another sweep on the same cache).
     "stop": every remaining job is done, taken by another worker, or waits for a teacher that
     nobody trains yet (the trial driver starts a teacher run for it, and students again after).
     """
+    if claims is not None:
+        claims.release_all()  # one job at a time: the one before is published, or failed
     keys = [j.key for j in jobs] + sorted({j.teacher_key for j in jobs if j.teacher_key})
     states = registry.states(keys)
     waiting = False
@@ -310,8 +459,9 @@ def _next_student(jobs: tuple[StudentJob, ...], registry, store: Store, teachers
             if state == "done" or (state == "missing" and store.is_complete(job.teacher_rel)):
                 teachers_published.add(teacher)
             else:
-                waiting = waiting or state == "running"
+                waiting = waiting or state == "running" or (
+                    state == "missing" and claims is not None and claims.foreign(job.teacher_rel) is not None)
                 continue
-        if _claim(job, registry, store):
+        if _claim(job, registry, store, claims):
             return i
     return "wait" if waiting else "stop"

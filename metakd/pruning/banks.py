@@ -48,8 +48,15 @@ class MemoryBank:
         return rows
 
     def with_snapshot(self, vectors: torch.Tensor) -> "MemoryBank":
-        """This bank plus one more vector per example ([N, H], in this bank's row order)."""
-        return MemoryBank(self.index, self.labels, torch.cat([self.vectors, vectors.to(self.vectors)[:, None]], 1))
+        """This bank plus one more vector per example ([N, H], in this bank's row order, normalised here)."""
+        new = F.normalize(vectors.detach().float().to(self.vectors.device), dim=-1)
+        return self._with(vectors=torch.cat([self.vectors, new[:, None]], 1))
 
     def to(self, device) -> "MemoryBank":
-        return MemoryBank(self.index.to(device), self.labels.to(device), self.vectors.to(device))
+        return self._with(**{k: getattr(self, k).to(device) for k in ("vectors", "labels", "index", "_row")})
+
+    def _with(self, **tensors) -> "MemoryBank":
+        """A copy with some tensors replaced (its vectors are unit already: not normalised again)."""
+        other = MemoryBank.__new__(MemoryBank)
+        other.__dict__.update({**self.__dict__, **tensors})
+        return other

@@ -458,7 +458,7 @@ def difference_cell(row, digits: int = 2) -> str:
 
 def search_summary(
     df: pd.DataFrame, metric_split: str = "dev", method: str = "metakd", top: int = 5,
-    exclude_collapsed: bool = False,
+    exclude_collapsed: bool = False, study=None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Best configurations and parameter importances of a searched sweep.
 
@@ -466,7 +466,10 @@ def search_summary(
     and seeds. Returns ``(best_configs, importances)``: the ``top`` trials best-first
     (trial_id, accuracy, count, then one column per searched parameter) and
     (param, importance) from Optuna's fANOVA evaluator (seed 0; mean decrease in impurity if
-    fANOVA is unavailable) on a study rebuilt from the trials, over the parameters that vary.
+    fANOVA is unavailable) over the parameters that vary: on ``study``, the sweep's own Optuna
+    study (``metakd.sweep.study.load_study``; its objective is the sweep's ``search.metric``),
+    when given with at least 2 complete trials, else on a study rebuilt from the rows
+    (``importances.attrs["source"]`` says which).
     """
     rows, flags = _usable(df, metric_split, ("trial_id", "search_params"), "search summary", exclude_collapsed)
     ours = _method_rows(
@@ -494,9 +497,17 @@ def search_summary(
     best = best.sort_values("accuracy", ascending=False, kind="stable").head(top).reset_index(drop=True)
 
     distributions = {n: _distribution([p[n] for p in params.values() if n in p]) for n in varying}
-    importances, evaluator = _importances(per_trial["accuracy"], params, distributions)
+    complete = [] if study is None else [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    values = [t.value for t in complete] if len(complete) >= 2 else per_trial["accuracy"].tolist()
+    if len(set(values)) < 2:
+        raise ValueError("search summary: every trial has the same objective value, so parameter importances are "
+                         "undefined")
+    if len(complete) >= 2:
+        (importances, evaluator), source = _evaluate(study), "study"
+    else:
+        (importances, evaluator), source = _importances(per_trial["accuracy"], params, distributions), "rows"
     table = pd.DataFrame(sorted(importances.items(), key=lambda kv: -kv[1]), columns=["param", "importance"])
-    table.attrs.update(evaluator=evaluator)
+    table.attrs.update(evaluator=evaluator, source=source)
     best.attrs.update(method=method, split=metric_split, **flags)
     return best, table
 
@@ -534,6 +545,19 @@ def _distribution(values: list):
 
 def _as_choice(v) -> str:
     return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+
+def _evaluate(study) -> tuple[dict, str]:
+    """Parameter importances on ``study`` (fANOVA, seed 0; mean decrease in impurity without it)."""
+    import optuna
+    from optuna.importance import FanovaImportanceEvaluator, MeanDecreaseImpurityImportanceEvaluator
+
+    try:
+        return dict(optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))), \
+            "fanova"
+    except ImportError:
+        evaluator = MeanDecreaseImpurityImportanceEvaluator(seed=0)
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator)), "mean_decrease_impurity"
 
 
 def _importances(values: pd.Series, params: dict, distributions: dict) -> tuple[dict, str]:

@@ -1,6 +1,6 @@
 """``metakd results | plot | table | compare``: read a sweep's results and print, plot or export them.
 
-``register(subparsers)`` adds the four subcommands to the main ``metakd`` parser; each sets
+``register(subparsers)`` adds these subcommands to the main ``metakd`` parser; each sets
 ``func(args) -> exit code``. Analysis errors (a missing method, split or column, a path
 with no results) print ``error: ...`` to stderr and return 2. Collapsed students (see
 ``metakd.report.analysis``) are counted in, and named on stderr, unless ``--exclude-collapsed``.

@@ -283,7 +283,7 @@ def load(path_or_uri: str, table: str = "results", strict: bool = False) -> pd.D
     ``df.attrs["skipped_parts"]``, so one bad file never hides the rest; ``strict=True`` raises
     ``ValueError`` instead. One named .parquet file that cannot be read always raises.
     """
-    schema = _schema(table)
+    _schema(table)  # an unknown table name raises here, before any read
     fs, path = _resolve(path_or_uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:

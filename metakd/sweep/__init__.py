@@ -1,2 +1,3 @@
 """The search: a sweep YAML's search section -> a Ray Tune run (space.py), the per-trial driver and the
-Tuner (tuner.py), and the console (progress.py). Imports jobs/ and report/; nothing imports it but cli."""
+Tuner (tuner.py), the console (progress.py), the persistent Optuna study (study.py) and ``metakd plan``
+(plan.py). Imports jobs/ and report/; nothing imports it but cli."""

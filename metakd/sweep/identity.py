@@ -2,12 +2,17 @@
 
     <storage>/<name>/sweep_config.json   the resolved configuration of the Tune run in this directory
     <storage>/<name>/_running.json       the driver running it: host, pid, heartbeat (renewed every 30 s)
-    <storage>/<name>/previous/<time>/    what ``--restart`` moved aside: results, curves, tune, events
+    <storage>/<name>/previous/<time>/    what ``--restart`` moved aside: results, curves, tune, events, study
 
 A rerun under the same name resumes only with the same configuration (:func:`check_config`
 refuses another, listing the fields that differ); ``--restart`` (:func:`archive_run`) starts a
 new Tune run and keeps the old one's tables apart. Teachers, students and prepared data stay:
 they are content-addressed, so the new run reuses whatever it shares with the old.
+
+One difference is an extension, not another configuration: a searched sweep (optuna, random)
+whose only change is a larger ``search.num_samples`` adds trials to the same Optuna study
+(:mod:`metakd.sweep.study`). The added trials run as a new Tune run,
+``tune-extensions/n<num_samples>/`` (:func:`tune_run`), their rows beside the earlier ones.
 
 :class:`SweepLock` refuses a second driver of the same sweep while one runs. On a local
 filesystem the lock file is created with ``O_EXCL`` (atomic); on an object store (s3://, gs://)
@@ -29,22 +34,26 @@ import pyarrow.fs as pafs
 
 from ..config import ConfigError, ExperimentConfig, SearchConfig
 from ..storage import Store
+from .study import JOURNAL, RECORD, check_extendable
 
 CONFIG = "sweep_config.json"
 LOCK = "_running.json"
-ARCHIVED = ("results", "curves", "tune", "events", CONFIG)
+TUNE = "tune"
+EXTENSIONS = "tune-extensions"  # the Tune runs of extensions: tune-extensions/n<num_samples>
+ARCHIVED = ("results", "curves", TUNE, EXTENSIONS, "events", JOURNAL, RECORD, CONFIG)
 HEARTBEAT_S = 30.0
 STALE_S = 120.0  # four missed heartbeats
 
 
 def identity(cfg: ExperimentConfig) -> dict:
     """What a sweep's trials and rows depend on: the resolved config without its name, storage,
-    resources (a rerun may come from another machine, onto a bigger cluster) and trackers (a rerun may
-    log elsewhere). JSON types."""
+    resources (a rerun may come from another machine, onto a bigger cluster), trackers (a rerun may
+    log elsewhere) and max_failures (how hard to try, not what). JSON types."""
     d = cfg.to_dict()
     for key in ("name", "output_dir"):
         d.pop(key, None)
-    d["search"] = {k: v for k, v in (d.get("search") or {}).items() if k not in ("storage", "resources", "tracking")}
+    how = ("storage", "resources", "tracking", "max_failures", "cache", "study_storage")
+    d["search"] = {k: v for k, v in (d.get("search") or {}).items() if k not in how}
     return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
@@ -75,8 +84,17 @@ def check_config(store: Store, cfg: ExperimentConfig, sweep: str) -> str:
     """Store ``cfg``'s identity with a new sweep, or refuse one that differs from the stored; a status line."""
     new = identity(cfg)
     if store.exists(CONFIG):
-        old = store.read_json(CONFIG)["config"]
+        stored = store.read_json(CONFIG)
+        old = stored["config"]
         diff = differences(old, new)
+        grown = _extension(old, new, diff)
+        if grown is not None:
+            check_extendable(cfg, store, sweep, study_name(store, sweep))
+            extended = stored.get("extended", []) + [{"num_samples": list(grown), "at": _now()}]
+            store.write_json(CONFIG, {**stored, "config": new, "extended": extended,
+                                      "tune_run": f"{EXTENSIONS}/n{grown[1]}"})
+            return (f"extending sweep '{sweep}': search.num_samples {grown[0]} -> {grown[1]}; the new trials join "
+                    f"its Optuna study, as the Tune run {EXTENSIONS}/n{grown[1]}")
         if diff:
             raise ConfigError(
                 f"sweep '{sweep}' at {store.root} was started with another configuration ({store.uri(CONFIG)}); "
@@ -85,10 +103,36 @@ def check_config(store: Store, cfg: ExperimentConfig, sweep: str) -> str:
                 f"(stored -> now):\n  " + "\n  ".join(diff))
         return f"same configuration as {store.uri(CONFIG)}"
     started = store.exists("tune")
-    store.write_json(CONFIG, {"config": new, "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    store.write_json(CONFIG, {"config": new, "saved": _now()})
     if started:
         return f"note: {store.uri('tune')} predates stored configurations; this one is stored as {CONFIG}"
     return f"configuration stored in {store.uri(CONFIG)}"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _extension(old: dict, new: dict, diff: list[str]) -> tuple[int, int] | None:
+    """(stored, new) ``search.num_samples`` when raising it is the only difference of a searched
+    (optuna, random) sweep, else None."""
+    if len(diff) != 1 or not diff[0].startswith("search.num_samples:"):
+        return None
+    a, b = (d.get("search", {}).get("num_samples") for d in (old, new))
+    searched = new.get("search", {}).get("algorithm") != "grid"
+    return (a, b) if searched and isinstance(a, int) and isinstance(b, int) and b > a else None
+
+
+def study_name(store: Store, sweep: str) -> str:
+    """The name of the sweep's Optuna study (:mod:`metakd.sweep.study`): ``<sweep>-<UTC time its
+    configuration was first stored>``, the same across resumes and extensions, new after ``--restart``."""
+    saved = store.read_json(CONFIG).get("saved", "") if store.exists(CONFIG) else ""
+    return f"{sweep}-{saved.replace('-', '').replace(':', '')}" if saved else sweep
+
+
+def tune_run(store: Store) -> str:
+    """The directory of the sweep's current Tune run under its root: ``tune``, or the latest extension's."""
+    return store.read_json(CONFIG).get("tune_run", TUNE) if store.exists(CONFIG) else TUNE
 
 
 def archive_run(store: Store) -> str | None:

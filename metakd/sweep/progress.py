@@ -5,7 +5,8 @@ trial drivers' stdout stay in Ray's log files (``log_to_driver=False``), Tune's 
 silent, Ray logs only warnings. :class:`SweepConsole`, a Tune callback in the driver, prints
 instead:
 
-- one line per finished training, read from the sweep registry's log (every trial's trainings);
+- one line per finished training, read from the sweep registry's log (every trial's trainings),
+  and one per run that failed (a lost node: launched again);
 - the trial table (status, searched values, students finished, the metric) every
   ``table_every_s`` seconds and at the end, headed by a line that says how many teachers are
   trained, training and still to train, so a long teacher phase does not look idle.
@@ -17,6 +18,7 @@ import time
 
 from ray.tune import Callback
 
+from ..jobs.events import RUN_FAILED
 from ..jobs.registry import sweep_registry
 
 TRIAL_PREFIX = "trial_driver_"
@@ -36,6 +38,17 @@ def training_line(record: dict, done: int, needed: int) -> str:
     what = f"student {record['method']} {record['domain']} seed={record['seed']}"
     trial = str(record.get("trial_id") or "").removeprefix(TRIAL_PREFIX)
     return f"{what}: {dev} in {took}  [{trial}] (students {done}/{needed} done)"
+
+
+def failure_line(record: dict) -> str:
+    """``run 606b2_00000-teachers-1 lost its node (attempt 1), interrupting 1 training: starting it again``:
+    a run that failed (a ``run_failed`` record of ``metakd.jobs.schedule``)."""
+    run = str(record["run"]).removeprefix(TRIAL_PREFIX)
+    cause = "lost its node" if record.get("lost_node") else f"failed ({record.get('error', '').splitlines()[0][:200]})"
+    n = len(record.get("interrupted") or [])
+    what = f"interrupting {n} training{'s' if n != 1 else ''}" if n else "with nothing in training"
+    return f"run {run} {cause} (attempt {record.get('attempt', 1)}), {what}: " + \
+        ("starting it again" if record.get("retried") else "giving up, its trial fails")
 
 
 def status_line(counts: dict) -> str:
@@ -104,6 +117,9 @@ class SweepConsole(Callback):
         except Exception:  # the registry is gone (Ray shutting down): nothing more to print
             return
         for i, record in enumerate(records):
+            if record.get("type") == RUN_FAILED:
+                self.out(failure_line(record))
+                continue
             artifact = record.get("type", "student")
             c = self.counts.get(artifact, {})
             later = sum(r.get("type", "student") == artifact for r in records[i + 1:])

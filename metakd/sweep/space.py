@@ -73,17 +73,26 @@ def grid_space(params: dict[str, ParamSpec]) -> dict:
     return {name: tune.grid_search([encode_value(v) for v in spec.values]) for name, spec in params.items()}
 
 
-def make_search(cfg: ExperimentConfig, seed: int = 0):
-    """(param_space, search_alg) for the Tuner."""
+def make_search(cfg: ExperimentConfig, seed: int = 0, storage=None, study_name: str | None = None):
+    """(param_space, search_alg) for the Tuner. ``storage`` / ``study_name``: the Optuna study the
+    search asks and tells (created, or loaded with its trials: :mod:`metakd.sweep.study`); None: in memory."""
     s = cfg.search
     if s.algorithm == "grid":
         return grid_space(s.params), None
-    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    sampler = optuna.samplers.TPESampler(seed=seed) if s.algorithm == "optuna" and s.sampler == "tpe" \
-        else optuna.samplers.RandomSampler(seed=seed)
-    return {}, OptunaSearch(space=DefineByRun(s.params), metric=s.metric, mode=s.mode, sampler=sampler)
+    return {}, OptunaSearch(space=DefineByRun(s.params), metric=s.metric, mode=s.mode, sampler=make_sampler(cfg, seed),
+                            storage=storage, study_name=study_name)
+
+
+def make_sampler(cfg: ExperimentConfig, seed: int = 0):
+    """The Optuna sampler of ``search.algorithm`` / ``search.sampler``."""
+    import optuna
+
+    s = cfg.search
+    if s.algorithm == "optuna" and s.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def trial_config(base: ExperimentConfig, searched: dict) -> ExperimentConfig:

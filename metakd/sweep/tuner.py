@@ -8,10 +8,16 @@ The three roles of Ray's Tune-over-Train pattern, under these names:
   trial's rows after every finished student and reports them to Tune;
 - the Tuner: :func:`run_sweep`, deterministic run name, resumed with ``Tuner.restore``.
 
-Layout under ``<storage>/<name>/``: ``data/``, ``teachers/`` and ``students/`` (content-addressed
-artifacts), ``results/`` and ``curves/`` (Parquet, one part per trial), ``tune/`` (Tune's
-experiment state), ``train/`` (Ray Train run state), ``events/`` (one file per teacher or
-student training), ``sweep_config.json``, ``_running.json`` and ``previous/`` (``metakd.sweep.identity``).
+Layout under ``<storage>/<name>/``: ``results/`` and ``curves/`` (Parquet, one part per trial),
+``tune/`` (Tune's experiment state; ``tune-extensions/`` for runs that extend the search),
+``train/`` (Ray Train run state), ``events/`` (one file per teacher or student training),
+``study.journal`` / ``study.json`` (the Optuna study: ``metakd.sweep.study``), ``cache.json``,
+``sweep_config.json``, ``_running.json`` and ``previous/`` (``metakd.sweep.identity``). The
+content-addressed artifacts (``data/``, ``features/``, ``teachers/``, ``students/``) are in the
+cache every sweep on the storage shares, ``<storage>/cache/`` (``metakd.jobs.cache``). With
+``search.tracking`` and no location of their own: ``mlflow.db`` + ``mlflow-artifacts/``,
+``tensorboard/`` and ``wandb/`` (``metakd.tracking``: Tune's logger callbacks for the trials, the
+workers' per-epoch curves for the trainings).
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ExperimentConfig, ResourcesConfig, content_hash
+from .. import tracking
+from ..config import ConfigError, ExperimentConfig, ResourcesConfig, content_hash
+from ..jobs import cache as artifact_cache
 from ..jobs.events import count_student_trainings, count_teacher_trainings
 from ..jobs.experiment import run_experiment
 from ..jobs.ray_runner import RayRunner
@@ -31,10 +39,11 @@ from ..jobs.registry import sweep_registry
 from ..report import analysis, results
 from ..report.rows import curve_rows, result_rows, running_metrics
 from ..storage import Store, is_uri
-from .. import tracking
-from .identity import SweepLock, archive_run, check_config
+from . import study
+from .identity import SweepLock, archive_run, check_config, study_name, tune_run
 from .progress import SweepConsole
 from .space import make_search, trial_config
+from .tracked_artifacts import log_sweep_artifacts
 
 DRIVER_RESOURCE = "trial_driver"
 
@@ -45,9 +54,11 @@ def sweep_root(storage: str, name: str) -> str:
     return str(Path(os.path.expanduser(storage)).resolve() / name)
 
 
-def trial_driver(params: dict, base: ExperimentConfig, sweep: str, root: str, trackers: dict | None = None) -> None:
+def trial_driver(params: dict, base: ExperimentConfig, sweep: str, root: str, trackers: dict | None = None,
+                 cache: str | None = None) -> None:
     """Per-trial driver (Tune function trainable): one configuration, all its seeds and methods.
-    ``trackers``: the experiment trackers its trainings log to (``metakd.tracking.resolve``)."""
+    ``trackers``: the experiment trackers its trainings log to (``metakd.tracking.resolve``);
+    ``cache``: the root of the artifact cache (None: ``root`` itself)."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
@@ -58,9 +69,9 @@ def trial_driver(params: dict, base: ExperimentConfig, sweep: str, root: str, tr
         if trackers else None
     cfg = trial_config(base, params)
     resources = base.search.resources
-    store = Store(root)
+    store, events = Store(cache or root), Store(root)
     registry = sweep_registry(sweep, owner=trial_id)
-    runner = RayRunner(resources, storage_path=f"{root}/train")
+    runner = RayRunner(resources, storage_path=f"{root}/train", max_failures=base.search.max_failures)
     log = lambda msg: print(f"[{trial_id}] {msg}", flush=True)  # noqa: E731
     log("config: " + json.dumps(params, sort_keys=True))
 
@@ -72,9 +83,11 @@ def trial_driver(params: dict, base: ExperimentConfig, sweep: str, root: str, tr
 
     try:
         out = run_experiment(cfg, store, registry, runner, log, on_students=on_students,
-                             source={"trial_id": trial_id, "part": part}, run_prefix=trial_id, tracking=tracked)
-    except Exception:
-        results.write_part(root, _finished_rows(root, part) + _failed_rows(cfg, sweep, trial_id, params), part)
+                             source={"trial_id": trial_id, "part": part}, run_prefix=trial_id, tracking=tracked,
+                             events=events)
+    except Exception as e:
+        why = f"trial {trial_id} failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        results.write_part(root, _finished_rows(root, part) + _failed_rows(cfg, sweep, trial_id, params, why), part)
         raise
     finally:
         registry.close()
@@ -94,10 +107,11 @@ def _finished_rows(root: str, part: str) -> list[dict]:
         return []
 
 
-def _failed_rows(cfg: ExperimentConfig, sweep: str, trial_id: str, params: dict) -> list[dict]:
-    """One row per (seed, method) marking the trial failed, so the table shows what is missing."""
+def _failed_rows(cfg: ExperimentConfig, sweep: str, trial_id: str, params: dict, error: str) -> list[dict]:
+    """One row per (seed, method) marking the trial failed with ``error``, so the table shows what is
+    missing and why. (A student job that fails on its own is not this: it is a failed row of its own.)"""
     stub = [{"method": m, "domain": None, "seed": seed, "dev_accuracy": None, "test_accuracy": None,
-             "dev_loss": None, "test_loss": None} for seed in cfg.seeds for m in cfg.methods]
+             "dev_loss": None, "test_loss": None, "error": error} for seed in cfg.seeds for m in cfg.methods]
     return result_rows(cfg, sweep, trial_id, stub, params, status="failed")
 
 
@@ -137,17 +151,23 @@ def driver_resources() -> dict:
     return {"CPU": 1}
 
 
-def build_tuner(cfg: ExperimentConfig, sweep: str, root: str, verbose: bool = False, trackers: dict | None = None):
+def build_tuner(cfg: ExperimentConfig, sweep: str, root: str, verbose: bool = False, trackers: dict | None = None,
+                cache: str | None = None):
+    """The sweep's Tuner: its current Tune run restored, or a new one; None when a new one would have
+    no trial to run (the study already holds ``search.num_samples`` trials)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     s = cfg.search
     trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, base=cfg, sweep=sweep, root=root, trackers=trackers), driver_resources())
+        tune.with_parameters(trial_driver, base=cfg, sweep=sweep, root=root, trackers=trackers, cache=cache),
+        driver_resources())
     # verbose: Tune's own table and result blocks; else only SweepConsole's (Tune's reporter silent)
     console = SweepConsole(sweep, s.metric, list(s.params), table_every_s=float("inf") if verbose else 30.0)
     callbacks = [console, *tracking.tune_callbacks(trackers or {}, sweep)]
-    tune_dir = f"{root}/tune"
+    store = Store(root)
+    run_dir = tune_run(store)  # tune, or tune-extensions/n<num_samples> (metakd.sweep.identity)
+    tune_dir = f"{root}/{run_dir}"
     if tune.Tuner.can_restore(tune_dir):
         print(f"resuming sweep '{sweep}' from {tune_dir}", flush=True)
         tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -156,17 +176,36 @@ def build_tuner(cfg: ExperimentConfig, sweep: str, root: str, verbose: bool = Fa
         if run_config is not None:
             run_config.callbacks, run_config.verbose = callbacks, int(verbose)
         return tuner
-    param_space, search_alg = make_search(cfg)
+    storage, name = study.open_study(cfg, store, study_name(store, sweep))
+    num_samples, known = s.num_samples, 0
+    if storage is not None:  # a new Tune run adds the trials the study lacks (all of them, in a new sweep)
+        known = len(study.trials_in(storage, name))
+        num_samples -= known
+        print(f"Optuna study '{name}': {study.without_password(study.storage_url(cfg, root))} "
+              f"(optuna-dashboard opens it)", flush=True)
+        if num_samples <= 0:
+            return None
+    elif s.algorithm != "grid":
+        print(f"note: the Optuna study of a sweep on {root} lives in Tune's searcher state only (resumable, not "
+              f"extendable; set search.study_storage to keep it in a database)", flush=True)
+    # an extension's sampler is seeded anew (by the trials it finds): seeded as the first run was, its
+    # random start-up draws would repeat the first run's configurations
+    param_space, search_alg = make_search(cfg, seed=known, storage=storage, study_name=name)
     scheduler = None
     if s.scheduler is not None:
         # one report per finished student; max_t only caps the rungs
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=10_000,
                                   grace_period=s.scheduler.grace_period, reduction_factor=s.scheduler.reduction_factor)
     tune_config = tune.TuneConfig(
-        metric=s.metric, mode=s.mode, search_alg=search_alg, scheduler=scheduler, num_samples=s.num_samples,
+        metric=s.metric, mode=s.mode, search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
         max_concurrent_trials=s.resources.max_concurrent_trials,
     )
-    run_config = tune.RunConfig(name="tune", storage_path=root, verbose=int(verbose), callbacks=callbacks,
+    parent, _, leaf = run_dir.rpartition("/")
+    run_config = tune.RunConfig(name=leaf, storage_path=f"{root}/{parent}" if parent else root,
+                                verbose=int(verbose), callbacks=callbacks,
+                                # a trial's driver already launched its failed runs again (search.max_failures,
+                                # lost nodes not counted): a trial that failed would fail the same way again.
+                                # Tune restarts a driver whose node was preempted without counting it.
                                 failure_config=tune.FailureConfig(max_failures=0))
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
 
@@ -183,6 +222,9 @@ def run_sweep(cfg: ExperimentConfig, address: str | None = None, storage: str | 
               f"storage (s3://, gs://, or an NFS path mounted on every node)", flush=True)
     cfg.search.storage = storage
     root = sweep_root(storage, sweep)
+    cache = artifact_cache.cache_root(storage, cfg.search.cache)
+    if cache == root:
+        raise ConfigError(f"sweep name '{sweep}' is the artifact cache's directory under {storage}; pick another --name")
     # before any work: a tracker that is not installed, or has no default for a remote storage, fails here
     trackers = tracking.resolve(cfg.search.tracking, sweep, None if is_uri(storage) else root)
     # Save Tune's experiment state often: a driver killed between saves reruns those trials.
@@ -201,14 +243,20 @@ def run_sweep(cfg: ExperimentConfig, address: str | None = None, storage: str | 
             moved = archive_run(store)
             print(f"restart: the previous run moved to {moved}" if moved else "restart: no previous run", flush=True)
         print(check_config(store, cfg, sweep), flush=True)
+        artifact_cache.link(store, Store(cache), lambda msg: print(msg, flush=True))
+        print(f"artifact cache: {cache}", flush=True)
         print(connect(address, cfg.search.resources, verbose), flush=True)
         registry = sweep_registry(sweep, owner="sweep")
         registry.reset()
-        tuner = build_tuner(cfg, sweep, root, verbose, trackers)
+        tuner = build_tuner(cfg, sweep, root, verbose, trackers, cache)
+        if tuner is None:
+            print(f"sweep '{sweep}': its study already holds search.num_samples = {cfg.search.num_samples} trials; "
+                  f"nothing to run (raise num_samples to extend it)", flush=True)
+            return 0
         grid = tuner.fit()
     errors = [r for r in grid if r.error is not None]
     print_summary(cfg, sweep, root, grid, time.perf_counter() - start)
-    tracking.log_sweep_artifacts(trackers, root, sweep, cfg.students.keep == "all")
+    log_sweep_artifacts(trackers, root, sweep, cfg.students.keep == "all")
     if errors:
         print(f"{len(errors)} trial(s) failed; rerun the same command to retry them (--verbose shows the "
               f"workers' output)", file=sys.stderr)

@@ -5,11 +5,17 @@ section 1), computed once per (initial encoder, prepared data) and stored as an 
 The key covers what fixes the initial weights (the checkpoint, or the sizes and the seed of
 the random initialisation), the prepared data (tokenizer, max_length, examples) and the
 precision of the pass. The pass is shared out among the DDP ranks (:func:`sharded_forward`).
+
+Like a teacher, the artifact is claimed before it is computed (registry key ``features/<key>``),
+so meta-teachers starting side by side in different runs compute it once: the others wait for
+it, up to ``WAIT_S``, and then compute it themselves rather than keep their DDP ranks waiting
+in a collective (two publishers of the same features leave one complete copy).
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -20,6 +26,8 @@ from .sharded import sharded_forward
 
 VERSION = "features-v1"
 FILE = "features.safetensors"
+POLL_S = 1.0
+WAIT_S = 300.0  # the longest rank 0 waits for another trainer's features (its other ranks wait in a broadcast)
 
 
 def features_key(cfg: ExperimentConfig, seed: int, data_key: str, device) -> str:
@@ -37,20 +45,52 @@ def encoder_features(model, split, runtime, precision: str = "fp32") -> torch.Te
     return rows["features"]
 
 
-def prototype_features(model, prepared, cfg: ExperimentConfig, seed: int, runtime, store=None) -> torch.Tensor:
+def prototype_features(model, prepared, cfg: ExperimentConfig, seed: int, runtime, store=None,
+                       claims=None) -> torch.Tensor:
     """E(x) of every training example (row = the example's ``index``): loaded from the store when
-    an earlier teacher made them, else computed (sharded) and published by rank 0."""
+    an earlier teacher made them, else computed (sharded) and published by rank 0.
+
+    ``claims``: the registry client of the worker (``claim``/``finish``/``release``), through which
+    rank 0 claims ``features/<key>`` first; None: no claim (one process, the tests)."""
     if not cfg.meta_teacher.prototype_weighting:
         return torch.zeros(len(prepared.train), 0)  # not used: every t_i = 1
     rel = f"features/{features_key(cfg, seed, prepared.key, runtime.device)}"
+    answer = _claim(store, claims, rel) if store is not None and runtime.is_main else "compute"
     # rank 0 decides for all ranks: the computation below is a collective
-    if store is not None and runtime.agree(store.is_complete(rel)):
+    if store is not None and runtime.agree(answer == "ready"):
         return load_file(f"{store.fetch_dir(rel)}/{FILE}")["features"]
-    feats = encoder_features(model, prepared.train, runtime, cfg.precision)
-    by_index = torch.zeros((int(prepared.train.index.max()) + 1, feats.shape[1]), dtype=feats.dtype)
-    by_index[prepared.train.index] = feats
-    if store is not None and runtime.is_main:
-        with tempfile.TemporaryDirectory(prefix="metakd-features-") as d:
-            save_file({"features": by_index.contiguous()}, f"{d}/{FILE}", metadata={"data_key": prepared.key})
-            store.publish_dir(d, rel)
+    try:
+        feats = encoder_features(model, prepared.train, runtime, cfg.precision)
+        by_index = torch.zeros((int(prepared.train.index.max()) + 1, feats.shape[1]), dtype=feats.dtype)
+        by_index[prepared.train.index] = feats
+        if store is not None and runtime.is_main:
+            with tempfile.TemporaryDirectory(prefix="metakd-features-") as d:
+                save_file({"features": by_index.contiguous()}, f"{d}/{FILE}", metadata={"data_key": prepared.key})
+                store.publish_dir(d, rel)
+    except BaseException:
+        if answer == "mine":
+            claims.release(rel)  # the next trainer that needs them computes them
+        raise
+    if answer == "mine":
+        claims.finish(rel)
     return by_index
+
+
+def _claim(store, claims, rel: str) -> str:
+    """Rank 0's answer for the features at ``rel``: "ready" (complete on the store: load them),
+    "mine" (claimed: compute and publish them) or "compute" (compute them unclaimed: no registry,
+    or another trainer held them for longer than ``WAIT_S``)."""
+    deadline = time.monotonic() + WAIT_S
+    while not store.is_complete(rel):
+        if claims is None:
+            return "compute"
+        answer = claims.claim(rel)
+        if answer == "mine":
+            if store.is_complete(rel):  # published between the look and the claim
+                claims.finish(rel)
+                return "ready"
+            return "mine"
+        if answer == "done" or time.monotonic() > deadline:  # done: finished without them (never, but not a hang)
+            return "ready" if store.is_complete(rel) else "compute"
+        time.sleep(POLL_S)  # "wait": another trainer computes them now
+    return "ready"

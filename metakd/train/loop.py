@@ -250,11 +250,18 @@ def _checkpoint(runtime, name, model, opt, sched, epoch, best_dev, best_epoch, b
 
 
 def _restore(runtime, name) -> dict | None:
-    d = runtime.restored_dir()
-    if d is None or not os.path.exists(os.path.join(d, "state.pt")):
-        return None
-    state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-    return state if state.get("name") == name else None
+    """The checkpoint of stage ``name`` to resume from: the run's own (Ray Train restored it) or one
+    another run left when it lost this training (``runtime.resume_dir``), whichever is further on."""
+    found = []
+    for d in (runtime.restored_dir(), getattr(runtime, "resume_dir", None)):
+        if d is not None and os.path.exists(os.path.join(d, "state.pt")):
+            try:
+                state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+            except (RuntimeError, EOFError, OSError):  # a copy cut short: not a point to resume from
+                continue
+            if state.get("name") == name:
+                found.append(state)
+    return max(found, key=lambda state: state["epoch"], default=None)
 
 
 def majority_rate(labels) -> float:

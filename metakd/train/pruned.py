@@ -48,7 +48,7 @@ from .loop import StageSettings, to_device, train_stage
 from .precision import autocast, resolve as resolve_precision
 from .runtime import unwrap
 from .sharded import sharded_forward
-from .student import Distiller
+from .distill import Distiller
 from .teacher_cache import teacher_caches
 
 
@@ -81,7 +81,7 @@ def bank_of(model, split, runtime, precision: str = "fp32") -> MemoryBank:
 # PrC and FiC banks already encoded in this process, by what determines them: the student jobs a worker
 # trains one after another (the pruned students of a sweep, both methods) share them. On the CPU.
 _BANKS: OrderedDict[tuple, MemoryBank] = OrderedDict()
-_BANKS_KEPT = 16
+_BANKS_KEPT = 48  # at most ~5 MB each (1,620 examples x 768 fp32)
 
 
 def remembered_bank(key: tuple, compute) -> MemoryBank:
@@ -250,7 +250,7 @@ class PrunedStudent:
         data = (self.prepared.key, self.k, resolve_precision(cfg.precision, device))
         teacher = json.loads(open(f"{teacher_dir}/model.json").read()).get("teacher_key") if teacher_dir else None
         if "prc" in p.contrastive:  # theta before its first update: phi_pre, or the teacher's copy
-            start = ("pretrained", cfg.teacher.checkpoint or list(cfg.teacher.sizes()), self.seed) \
+            start = ("pretrained", cfg.teacher.checkpoint or tuple(cfg.teacher.sizes()), self.seed) \
                 if p.init == "pretrained" else ("teacher", teacher)
             self.banks["prc"] = remembered_bank(("prc", *start, cfg.student.pooling, *data),
                                                 lambda: bank_of(student, split, self.runtime, cfg.precision)).to(device)

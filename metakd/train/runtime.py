@@ -25,6 +25,9 @@ class LocalRuntime:
     world_size = 1
     epoch_checkpoints = False  # report a resumable checkpoint after every epoch
     tracker = None  # the experiment trackers of the training under way (metakd.tracking.track_training sets it)
+    # a checkpoint of the training under way that another run left when it lost it (a node died):
+    # train_stage resumes from it when it is further on than the run's own (metakd.jobs.workers sets it)
+    resume_dir: str | None = None
 
     def __init__(self, device: str = "auto", log=print, gpu_share: float = 1.0):
         if device == "auto":

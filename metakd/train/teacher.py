@@ -142,9 +142,11 @@ def fill_unseen_domain_embeddings(model, trained: list[int]) -> None:
 
 
 def train_one_teacher(spec: TeacherSpec, cfg: ExperimentConfig, prepared, runtime, out_dir: str,
-                      store: Store | None = None) -> dict:
+                      store: Store | None = None, claims=None) -> dict:
     """Train one teacher and save it (weights, prototype scores, outputs on the training data,
-    summary) into ``out_dir``. ``store`` holds the shared prototype features (none: computed here)."""
+    summary) into ``out_dir``. ``store`` holds the shared prototype features (none: computed here),
+    claimed through ``claims`` (the worker's registry client; :func:`prototype_features`).
+    Raises :class:`metakd.train.loop.NonFiniteLoss` when the loss goes NaN or infinite."""
     if spec.precision is not None:  # the precision in its key, whatever this device would pick for auto
         cfg = replace(cfg, precision=spec.precision)
     domains = prepared.data.domains
@@ -158,7 +160,7 @@ def train_one_teacher(spec: TeacherSpec, cfg: ExperimentConfig, prepared, runtim
     if kind.meta:
         # prototypes come from the frozen *initial* encoder (section 1): features before any update,
         # one sharded pass per (initial encoder, prepared data) shared by every meta-teacher
-        features = prototype_features(model, prepared, cfg, spec.seed, runtime, store)
+        features = prototype_features(model, prepared, cfg, spec.seed, runtime, store, claims)
         scores = compute_prototype_scores(features, prepared.train, ids, cfg)
         all_scores = scores if len(ids) == len(domains) else \
             compute_prototype_scores(features, prepared.train, list(range(len(domains))), cfg)
