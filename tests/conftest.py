@@ -18,3 +18,14 @@ def single_thread_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Any teacher or student training fails the test (the names the per-worker functions call)."""
+
+    def fail(*_a, **_k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr("metakd.jobs.workers.train_one_teacher", fail)
+    monkeypatch.setattr("metakd.jobs.workers.train_student", fail)

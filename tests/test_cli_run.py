@@ -24,16 +24,6 @@ def _yaml(tmp_path: Path, raw: dict, name: str = "exp.yaml") -> Path:
     return p
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    """Any teacher or student training fails the test."""
-
-    def fail(*_a, **_k):
-        raise AssertionError("training started")
-
-    # the names the per-worker functions call
-    monkeypatch.setattr("metakd.jobs.workers.train_one_teacher", fail)
-    monkeypatch.setattr("metakd.jobs.workers.train_student", fail)
 
 
 # ----------------------------------------------------------------------------- validate

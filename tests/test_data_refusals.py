@@ -193,13 +193,6 @@ def _yaml(tmp_path: Path, data: dict, **extra) -> str:
     return str(p)
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    def fail(*_a, **_k):
-        raise AssertionError("training started")
-
-    monkeypatch.setattr("metakd.jobs.workers.train_one_teacher", fail)
-    monkeypatch.setattr("metakd.jobs.workers.train_student", fail)
 
 
 @pytest.mark.parametrize("case", ["latin1_jsonl", "empty_label_csv", "tiny_domain", "hf_missing_local_path"])
