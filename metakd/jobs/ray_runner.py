@@ -126,8 +126,9 @@ class RayRunner:
         return result.return_value or []
 
     def lost_node(self, error: BaseException) -> bool:
-        """Whether a failed run's ``error`` says one of its nodes died (:func:`lost_node`)."""
-        return lost_node(error)
+        """Whether a failed run's ``error`` says one of its nodes died (:func:`lost_node`). Asks for at
+        most 40 s, within the registry's 60 s lease that keeps the run's claims held meanwhile."""
+        return lost_node(error, wait_s=40.0)
 
 
 # What Ray's GCS says of an actor whose node died ("The actor died because its node has died.

@@ -105,9 +105,17 @@ class RegistryState:
 
     def release_owner(self, owner: str) -> list[str]:
         """Drop every claim of ``owner`` and of its workers (``owner/...``): the next claim gets them."""
-        keys = [k for k, (o, _) in self.running.items() if o == owner or o.startswith(owner + "/")]
+        keys = self.hold(owner)
         for key in keys:
             del self.running[key]
+        return keys
+
+    def hold(self, owner: str) -> list[str]:
+        """The keys claimed by ``owner`` and its workers, their leases restarted now: a run that failed
+        keeps its claims while its driver records what it interrupted, before giving them back."""
+        keys = [k for k, (o, _) in self.running.items() if o == owner or o.startswith(owner + "/")]
+        for key in keys:
+            self.running[key] = (self.running[key][0], time.monotonic() + self.lease_s)
         return keys
 
     def states(self, keys: list[str]) -> dict[str, tuple[str, str | None]]:
@@ -236,6 +244,9 @@ class RegistryClient:
 
     def release_owner(self, owner: str | None = None) -> list[str]:
         return self._call("release_owner", owner or self.owner)
+
+    def hold(self, owner: str) -> list[str]:
+        return self._call("hold", owner)
 
     def states(self, keys: list[str]) -> dict[str, tuple[str, str | None]]:
         return self._call("states", list(keys)) if keys else {}

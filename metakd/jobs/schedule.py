@@ -223,8 +223,12 @@ class TrialSchedule:
     def _retry(self, run: Run) -> None:
         """A failed run: its claims go back, an event says what was interrupted, and it starts
         again under its name, or the trial fails with its error (see the module doc)."""
-        interrupted = self.registry.release_owner(run.id)  # first: telling a lost node may take seconds
+        # The run's claims stay held until the event naming them exists: a run that takes over an
+        # interrupted teacher finds its resume point through that event. Telling a lost node may take
+        # seconds, so the claims are held (their leases restarted) before and given back after.
+        interrupted = self.registry.hold(run.id)
         lost = self.runner.lost_node(run.error)
+        self.registry.hold(run.id)
         count = self.failures[(run.id, lost)] = self.failures.get((run.id, lost), 0) + 1
         again = count <= (LOST_NODE_RETRIES if lost else self.runner.max_failures)
         error = f"{type(run.error).__name__}: {run.error}"
@@ -232,6 +236,7 @@ class TrialSchedule:
                   "phase": str(run.phase), "attempt": run.attempt, "lost_node": lost, "interrupted": interrupted,
                   "retried": again, "start": run.started, "end": time.time(), "error": error[:2000]}
         write_event(self.events, RUN_FAILED, record)
+        self.registry.release_owner(run.id)
         self.registry.note(record)
         cause = "lost a node" if lost else "failed"
         self.log(f"{run.id} {cause} (attempt {run.attempt}; gave back {interrupted or 'no claims'}): "
