@@ -103,3 +103,21 @@ def test_still_mine_says_whether_the_owner_may_publish():
     assert not a.still_mine("k") and not b.still_mine("k")  # done: nothing left to publish
     assert state.renew(["k", "x"], "b") == ["k", "x"]  # neither held by b any more
     a.close(), b.close()
+
+
+def test_hold_keeps_a_failed_runs_claims_and_restarts_their_leases(monkeypatch):
+    """A failed run's driver holds its claims (and its workers') while it writes the run_failed event,
+    then gives them back: nobody can take them in between."""
+    import metakd.jobs.registry as reg
+
+    now = [100.0]
+    monkeypatch.setattr(reg.time, "monotonic", lambda: now[0])
+    state = reg.RegistryState(lease_s=60.0)
+    assert state.claim("t1", "run-a") == "mine" and state.claim("s1", "run-a/w0") == "mine"
+    assert state.claim("t2", "run-b") == "mine"
+    now[0] = 150.0
+    assert sorted(state.hold("run-a")) == ["s1", "t1"]
+    now[0] = 200.0  # past the first lease, within the restarted one
+    assert state.claim("t1", "run-c") == "wait" and state.claim("t2", "run-c") == "mine"
+    assert sorted(state.release_owner("run-a")) == ["s1", "t1"]
+    assert state.claim("t1", "run-c") == "mine"
