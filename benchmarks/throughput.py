@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from metakd import flops as flop_model  # noqa: E402
-from metakd.config import ModelConfig, from_dict  # noqa: E402
+from metakd.config import from_dict  # noqa: E402
 from metakd.data import EncodedSplit  # noqa: E402
 from metakd.loader import stack_collate, trim_collate  # noqa: E402
 from metakd.models import build_student, build_teacher  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from metakd.cli import main
-from metakd.config import load_experiment, load_sweep
+from metakd.config import load_sweep
 
 TINY = "data: {max_length: 16, vocab_size: 300, synthetic: {num_domains: 2, examples_per_domain: 40}}\n"
 GRID = "  algorithm: grid\n  params:\n    gamma2: {type: grid, values: [0.1, 0.2]}\n"

@@ -106,7 +106,7 @@ def test_mlflow_has_a_run_per_trial_with_the_parquet_values_and_a_nested_run_per
 def test_mlflow_keeps_each_trials_parquet_parts_and_the_best_students(sweep):
     from mlflow.tracking import MlflowClient
 
-    df, client = sweep["results"], MlflowClient(f"sqlite:///{sweep['root']}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{sweep['root']}/mlflow.db")
     trials = [r for r in mlflow_runs(f"sqlite:///{sweep['root']}/mlflow.db", "smoke") if "training" not in r.data.tags]
     best = []
     for run in trials:
