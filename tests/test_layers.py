@@ -21,7 +21,7 @@ LAYER = {
     "jobs": 6,  # who trains what, where and when
     "export": 7,  # take a student away
     "sweep": 8,  # the search
-    "cli": 9, "__init__": 9,
+    "cli": 9, "__init__": 9, "results": 9,  # results: the public `metakd.results.load`
 }
 
 

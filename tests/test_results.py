@@ -218,3 +218,11 @@ def test_file_uri_is_resolved_through_pyarrow_filesystems(tmp_path):
     assert len(results.load(path)) == 1
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         results.load(f"file://{tmp_path}/nothing-here")
+
+
+def test_the_public_loader_is_the_reports_loader():
+    """Users load tables with ``metakd.results.load`` (the system notes); it is the report layer's reader."""
+    import metakd.results
+    from metakd.report import results as report_results
+
+    assert metakd.results.load is report_results.load and metakd.results.load_curves is report_results.load_curves
