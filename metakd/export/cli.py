@@ -7,13 +7,11 @@ that cannot be chosen, found or loaded prints ``metakd: error: ...`` and returns
 
 from __future__ import annotations
 
-import argparse
-import functools
 import json
-import sys
 from pathlib import Path
 
 from ..jobs.cache import artifact_store
+from ..report.cli import guarded
 from ..storage import Store
 from .artifacts import ExportError, read_model_json, student_dir, teacher_dir, tokenizer_dir
 from .card import student_card, teacher_card
@@ -67,16 +65,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_guard(cmd_predict))
 
 
-def _guard(fn):
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (ExportError, ImportError, FileExistsError, FileNotFoundError) as e:
-            print(f"metakd: error: {e}", file=sys.stderr)
-            return 2
-
-    return run
+_guard = guarded(ExportError, ImportError, FileExistsError, FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------- export

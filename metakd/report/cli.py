@@ -106,16 +106,24 @@ def register(subparsers) -> None:
     p.set_defaults(func=_guard(cmd_compare))
 
 
-def _guard(fn):
-    @functools.wraps(fn)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"metakd: error: {e}", file=sys.stderr)
-            return 2
+def guarded(*errors: type[BaseException]):
+    """A command whose ``errors`` (bad input) print one ``metakd: error:`` line and exit 2."""
 
-    return run
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(args: argparse.Namespace) -> int:
+            try:
+                return fn(args)
+            except errors as e:
+                print(f"metakd: error: {e}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap
+
+
+_guard = guarded(ValueError, FileNotFoundError)
 
 
 def _load(args: argparse.Namespace) -> pd.DataFrame:
