@@ -37,6 +37,7 @@ class Output:
     # not kept
     attentions: tuple | None = None
     domain_pre_tanh: torch.Tensor | None = None  # W_r (mean_pool(H_last) + e[d]) + b_r, r(x) before its tanh, [N, H]
+    pooled: torch.Tensor | None = None  # z(x), what the classifier reads (before its dropout): features or CLS, [N, H]
 
 
 def mean_pool(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -289,7 +290,7 @@ class EncoderClassifier(nn.Module):
         domain_repr = torch.tanh(pre_tanh)
         return Output(
             logits=logits, domain_logits=self.domain_head(domain_repr), domain_repr=domain_repr, features=features,
-            hidden_states=hidden, attentions=attentions, domain_pre_tanh=pre_tanh,
+            hidden_states=hidden, attentions=attentions, domain_pre_tanh=pre_tanh, pooled=pooled,
         )
 
     def num_parameters(self) -> int:

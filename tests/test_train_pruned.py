@@ -139,18 +139,97 @@ def test_a_pruned_student_trains_and_reports_its_sparsity(tmp_path, prune, snaps
     assert {c["stage"] for c in result["curve"]} == {"prune"}
 
 
-def test_banks_are_encoded_once_per_process_and_key():
+def _stored_teacher(tmp_path, with_pooled=True):
+    """A trained-looking teacher saved with its outputs on the split (as train_one_teacher publishes it)."""
+    from metakd.train.teacher_cache import compute_outputs, save_outputs
+
+    torch.manual_seed(5)
+    teacher = build_teacher(ModelConfig(preset="tiny-teacher"), VOCAB, SEQ, 2, 2).eval()
+    with torch.no_grad():
+        for p in teacher.encoder.pooler.parameters():
+            p.add_(0.1)  # not the initial weights of any seed
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    outputs = compute_outputs(teacher, _split(), LocalRuntime("cpu"))
+    if not with_pooled:  # a teacher published before z_T was stored
+        outputs.pop("pooled")
+    save_outputs(outputs, str(tmp_path), "data")
+    return teacher
+
+
+def _stored_prepared():
+    return SimpleNamespace(**vars(_prepared()), key="data", train=_split())
+
+
+def test_fic_bank_is_read_from_the_teacher_outputs(tmp_path, monkeypatch):
     from metakd.train import pruned
+    from metakd.train.teacher_cache import stored_pooled
 
-    calls, split = [], _split()
+    split, runtime = _split(), LocalRuntime("cpu")
+    teacher = _stored_teacher(tmp_path)
+    with torch.no_grad():
+        want = teacher.encoder(input_ids=split.input_ids, attention_mask=split.attention_mask,
+                               token_type_ids=split.token_type_ids).pooler_output  # z_T: its cls pooling
+    rows = stored_pooled(str(tmp_path), "data")
+    assert rows.shape == (3 * (N - 1) + 2, 64)  # by index, as the other outputs
+    torch.testing.assert_close(rows[split.index], want, atol=1e-5, rtol=0)
+    assert stored_pooled(str(tmp_path), "other-data") is None and stored_pooled(None, "data") is None
+    encoded = bank_of(teacher, split, runtime)
+    job = PrunedStudent(_cfg(contrastive=["fic"]), 0, 0, _stored_prepared(), teacher, runtime)
+    with monkeypatch.context() as m:
+        m.setattr(pruned, "bank_of", lambda *a, **k: pytest.fail("FiC encoded although the teacher stores z_T"))
+        job.fixed_banks(job.build(), str(tmp_path), split)
+    torch.testing.assert_close(job.banks["fic"].vectors, encoded.vectors, atol=1e-6, rtol=0)
+    assert job.banks["fic"].labels.tolist() == split.labels.tolist() and "prc" not in job.banks
 
-    def compute():
-        calls.append(1)
-        return pruned.MemoryBank(split.index, split.labels, torch.randn(N, 4))
 
-    key = ("fic", "test-teacher", "data", 0, "fp32")
-    first = pruned.remembered_bank(key, compute)
-    again = pruned.remembered_bank(key, compute)
-    assert len(calls) == 1 and torch.equal(first.vectors, again.vectors)
-    pruned.remembered_bank(("fic", "another-teacher", "data", 0, "fp32"), compute)
-    assert len(calls) == 2
+def test_fic_bank_of_a_teacher_without_stored_rows_is_encoded(tmp_path):
+    split, runtime = _split(), LocalRuntime("cpu")
+    teacher = _stored_teacher(tmp_path, with_pooled=False)
+    job = PrunedStudent(_cfg(contrastive=["fic"]), 0, 0, _stored_prepared(), teacher, runtime)
+    job.fixed_banks(job.build(), str(tmp_path), split)
+    torch.testing.assert_close(job.banks["fic"].vectors, bank_of(teacher, split, runtime).vectors, atol=1e-6, rtol=0)
+
+
+def test_prc_rows_with_mean_pooling_are_the_stored_prototype_features(tmp_path, monkeypatch):
+    from metakd.storage import Store
+    from metakd.train import features, pruned
+    from metakd.train.features import features_key, prototype_features
+
+    store, runtime, split = Store(str(tmp_path)), LocalRuntime("cpu"), _split()
+    cfg = _cfg("mean", contrastive=["prc"])
+    first = PrunedStudent(cfg, 3, 0, _stored_prepared(), None, runtime, store)
+    first.fixed_banks(first.build(), None, split)
+    assert store.list_dirs("features") == [features_key(cfg, 3, "data", "cpu")]  # the prototype features' artifact
+    # a meta-teacher of the same initial encoder loads them, and they are E(x) itself, not normalised
+    torch.manual_seed(3)
+    initial = build_teacher(cfg.teacher, VOCAB, SEQ, 2, 2).eval()
+    monkeypatch.setattr(features, "encoder_features", lambda *a, **k: pytest.fail("features encoded again"))
+    stored = prototype_features(initial, _stored_prepared(), cfg, 3, runtime, store)
+    with torch.no_grad():
+        direct = initial(**split.to_dict()).features
+    torch.testing.assert_close(stored[split.index], direct, atol=1e-5, rtol=0)
+    # another job (another method, another domain's student) reads the rows: nothing encoded
+    monkeypatch.setattr(pruned, "pooled_rows", lambda *a, **k: pytest.fail("PrC encoded again"))
+    again = PrunedStudent(cfg, 3, 1, _stored_prepared(), None, runtime, store)
+    again.fixed_banks(again.build(), None, split)
+    torch.testing.assert_close(again.banks["prc"].vectors, first.banks["prc"].vectors, atol=0, rtol=0)
+    torch.testing.assert_close(first.banks["prc"].vectors[:, 0], F.normalize(direct, dim=-1), atol=1e-5, rtol=0)
+
+
+def test_prc_rows_with_cls_pooling_have_their_own_key_per_seed(tmp_path):
+    from metakd.storage import Store
+    from metakd.train.features import features_key, pooled_key
+
+    store, runtime, split = Store(str(tmp_path)), LocalRuntime("cpu"), _split()
+    cfg = _cfg("cls", contrastive=["prc"])
+    for seed in (3, 4):
+        job = PrunedStudent(cfg, seed, 0, _stored_prepared(), None, runtime, store)
+        student = job.build()
+        job.fixed_banks(student, None, split)
+        torch.testing.assert_close(job.banks["prc"].vectors, bank_of(student, split, runtime).vectors, atol=1e-6,
+                                   rtol=0)
+    keys = store.list_dirs("features")
+    assert keys == sorted(pooled_key(cfg, s, "data", "cpu", "cls") for s in (3, 4))
+    assert features_key(cfg, 3, "data", "cpu") not in keys
+    assert pooled_key(cfg, 3, "data", "cpu", "mean") == features_key(cfg, 3, "data", "cpu")

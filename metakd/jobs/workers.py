@@ -350,7 +350,8 @@ def student_worker(config: WorkerConfig) -> list[dict]:
                     result = failed_student(job, failure, 0.0)
                 else:
                     with track_training(config.tracking, Training.of_student(job), runtime) as curves:
-                        result = _train_or_fail(job, cfg, prepared(job.seed), teacher_dir, runtime, keep_dir)
+                        result = _train_or_fail(job, cfg, prepared(job.seed), teacher_dir, runtime, keep_dir,
+                                                store, registry)
                         curves.finish(result)
                 end = time.time()
                 result.update(student_key=job.key, trained_by=config.source)
@@ -376,7 +377,7 @@ def student_worker(config: WorkerConfig) -> list[dict]:
 
 
 def _train_or_fail(job: StudentJob, cfg: ExperimentConfig, prepared, teacher_dir: str | None, runtime,
-                   keep_dir: str | None) -> dict:
+                   keep_dir: str | None, store=None, claims=None) -> dict:
     """:func:`train_student`'s result; or a failed result naming the job (:func:`failed_student`),
     so that the worker's other jobs, and the other workers, go on, when the job failed on its own:
 
@@ -388,7 +389,7 @@ def _train_or_fail(job: StudentJob, cfg: ExperimentConfig, prepared, teacher_dir
     Any other error is a bug, not an outcome of the job: it fails the run."""
     start = time.time()
     try:
-        return train_student(job, cfg, prepared, teacher_dir, runtime, keep_dir)
+        return train_student(job, cfg, prepared, teacher_dir, runtime, keep_dir, store, claims)
     except NonFiniteLoss as e:  # its message starts with the job: "student <method>:<domain> seed=<seed>: ..."
         error = (f"{e} (job {job.key}) -- recorded as failed, the worker's other jobs go on and a later run of "
                  f"this sweep trains it again")

@@ -1,6 +1,7 @@
 """Prototype features E(x) = mean_pool(H_last(x)) of the frozen *initial* teacher encoder (spec
 section 1), computed once per (initial encoder, prepared data) and stored as an artifact
-``features/<key>/features.safetensors`` that every meta-teacher with that key reuses.
+``features/<key>/features.safetensors`` that every meta-teacher with that key reuses. A pruned
+student's PrC bank is stored the same way (:func:`pooled_key`: with mean pooling, the same artifact).
 
 The key covers what fixes the initial weights (the checkpoint, or the sizes and the seed of
 the random initialisation), the prepared data (tokenizer, max_length, examples) and the
@@ -45,6 +46,21 @@ def encoder_features(model, split, runtime, precision: str = "fp32") -> torch.Te
     return rows["features"]
 
 
+def pooled_rows(model, split, runtime, precision: str = "fp32") -> torch.Tensor:
+    """z(x), what the classifier reads (``Output.pooled``, unnormalised), for every example of ``split``, in
+    its order, [N, H] fp32 on the CPU, on every rank. With mean pooling: E(x), as :func:`encoder_features`."""
+    return sharded_forward(model, split, lambda out, _b: {"z": out.pooled.float()}, runtime, precision)["z"]
+
+
+def pooled_key(cfg: ExperimentConfig, seed: int, data_key: str, device, pooling: str) -> str:
+    """Identity of z(x) of the initial encoder under ``pooling`` (a pruned student's PrC bank). With
+    ``mean`` it is E(x) itself: the prototype features' key. With ``cls`` the pooler may be newly
+    initialised (a checkpoint without one), so the seed joins the key."""
+    if pooling == "mean":
+        return features_key(cfg, seed, data_key, device)
+    return content_hash({"features": features_key(cfg, seed, data_key, device), "pooling": pooling, "seed": int(seed)})
+
+
 def prototype_features(model, prepared, cfg: ExperimentConfig, seed: int, runtime, store=None,
                        claims=None) -> torch.Tensor:
     """E(x) of every training example (row = the example's ``index``): loaded from the store when
@@ -55,12 +71,20 @@ def prototype_features(model, prepared, cfg: ExperimentConfig, seed: int, runtim
     if not cfg.meta_teacher.prototype_weighting:
         return torch.zeros(len(prepared.train), 0)  # not used: every t_i = 1
     rel = f"features/{features_key(cfg, seed, prepared.key, runtime.device)}"
+    return stored_features(rel, lambda: encoder_features(model, prepared.train, runtime, cfg.precision), prepared,
+                           runtime, store, claims)
+
+
+def stored_features(rel: str, compute, prepared, runtime, store=None, claims=None) -> torch.Tensor:
+    """The [M, H] rows (row = the example's ``index``) of the artifact ``rel``: loaded when complete on
+    ``store``, else ``compute()`` (one vector per example of ``prepared.train``, in its order; a sharded
+    pass, so every rank calls it) and published by rank 0 under a claim, as :func:`prototype_features`."""
     answer = _claim(store, claims, rel) if store is not None and runtime.is_main else "compute"
     # rank 0 decides for all ranks: the computation below is a collective
     if store is not None and runtime.agree(answer == "ready"):
         return load_file(f"{store.fetch_dir(rel)}/{FILE}")["features"]
     try:
-        feats = encoder_features(model, prepared.train, runtime, cfg.precision)
+        feats = compute()
         by_index = torch.zeros((int(prepared.train.index.max()) + 1, feats.shape[1]), dtype=feats.dtype)
         by_index[prepared.train.index] = feats
         if store is not None and runtime.is_main:

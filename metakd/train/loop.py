@@ -217,7 +217,8 @@ def train_stage(
             best_dev, best_epoch = dev, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         runtime.log(f"[{tag}] {settings.name} epoch {epoch + 1}/{settings.epochs} "
-                    f"loss {point['train_loss']:.4f} dev {dev:.2%} ({point['seconds']:.1f}s)")
+                    f"loss {point['train_loss']:.4f} dev {f'{dev:.2%}' if evaluated else 'not measured'} "
+                    f"({point['seconds']:.1f}s)")
         # none after the last epoch: the caller saves the result next. Rank 0's clock decides for all ranks,
         # since a checkpoint report is a collective.
         due = time.perf_counter() - last_checkpoint >= settings.checkpoint_interval_s

@@ -11,8 +11,9 @@ and how fast it is. The loss of every step is
   kd_weight T^2 KL(softmax(f_T/T) || softmax(f_S/T)); without a teacher (student_ft), CE.
 - L_m: :func:`metakd.losses.cap_contrastive_loss` of z(x), the classifier's input (the pooler
   output, or the mean-pooled states with ``student.pooling: mean``), against the module's bank:
-  PrC (theta before its first update), FiC (the method's frozen teacher), both encoded once before
-  training; SnC (snapshots of theta), in memory. A module without a bank yet adds nothing.
+  PrC (theta before its first update), FiC (the method's frozen teacher), both encoded once and
+  stored (:meth:`PrunedStudent.fixed_banks`); SnC (snapshots of theta), in memory. A module without
+  a bank yet adds nothing.
 
 unstructured: ``prune.epochs`` epochs; kappa_t follows the cubic schedule, a snapshot is taken at
 the start of every epoch after the first, and at the end the masks are baked into the weights.
@@ -26,8 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-from collections import OrderedDict
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -45,11 +44,12 @@ from ..pruning.masks import HeadFFNGates, UnstructuredMasks
 from ..pruning.physical import physical_copy
 from ..pruning.schedule import cubic_keep, pruned_counts, soft_lambda, structured_targets
 from .loop import StageSettings, to_device, train_stage
-from .precision import autocast, resolve as resolve_precision
+from .precision import autocast
 from .runtime import unwrap
 from .sharded import sharded_forward
 from .distill import Distiller
-from .teacher_cache import teacher_caches
+from .features import pooled_key, pooled_rows, stored_features
+from .teacher_cache import stored_pooled, teacher_caches
 
 
 @contextmanager
@@ -76,24 +76,6 @@ def encode(model, split, runtime, precision: str = "fp32") -> torch.Tensor:
 def bank_of(model, split, runtime, precision: str = "fp32") -> MemoryBank:
     """A one-vector bank (PrC, FiC, a first snapshot) of ``model`` over ``split``, on the runtime's device."""
     return MemoryBank(split.index, split.labels, encode(model, split, runtime, precision)).to(runtime.device)
-
-
-# PrC and FiC banks already encoded in this process, by what determines them: the student jobs a worker
-# trains one after another (the pruned students of a sweep, both methods) share them. On the CPU.
-_BANKS: OrderedDict[tuple, MemoryBank] = OrderedDict()
-_BANKS_KEPT = 48  # at most ~5 MB each (1,620 examples x 768 fp32)
-
-
-def remembered_bank(key: tuple, compute) -> MemoryBank:
-    """The bank ``key`` names: from this process's memo, or ``compute()`` once and remembered."""
-    if key in _BANKS:
-        _BANKS.move_to_end(key)
-        return _BANKS[key]
-    bank = compute()
-    _BANKS[key] = bank.to("cpu")
-    while len(_BANKS) > _BANKS_KEPT:
-        _BANKS.popitem(last=False)
-    return bank
 
 
 class PrunedDistiller(Distiller):
@@ -138,9 +120,11 @@ class PrunedStudent:
     """The pruned-student path of one student job: :meth:`build`, :meth:`train`, then :meth:`inference_model`
     (what latency is measured on) and :attr:`summary` (the result fields of the cap-pruning spec §4)."""
 
-    def __init__(self, cfg: ExperimentConfig, seed: int, domain_id: int, prepared, teacher, runtime):
+    def __init__(self, cfg: ExperimentConfig, seed: int, domain_id: int, prepared, teacher, runtime, store=None,
+                 claims=None):
         self.cfg, self.p, self.seed, self.k = cfg, cfg.student.prune, seed, domain_id
         self.prepared, self.teacher, self.runtime = prepared, teacher, runtime
+        self.store, self.claims = store, claims  # where the PrC rows are stored, claimed through the registry
         self.banks: dict[str, MemoryBank] = {}
         self.snapshots = 0
         self.masks: UnstructuredMasks | None = None
@@ -246,23 +230,41 @@ class PrunedStudent:
         """Banks, then the joint stage of the structure; fills :attr:`summary`."""
         student, p, cfg = unwrap(model), self.p, self.cfg
         self.base = self._base(teacher_dir, split, expertise, scores, student)
-        device = self.runtime.device
-        data = (self.prepared.key, self.k, resolve_precision(cfg.precision, device))
-        teacher = json.loads(open(f"{teacher_dir}/model.json").read()).get("teacher_key") if teacher_dir else None
-        if "prc" in p.contrastive:  # theta before its first update: phi_pre, or the teacher's copy
-            start = ("pretrained", cfg.teacher.checkpoint or tuple(cfg.teacher.sizes()), self.seed) \
-                if p.init == "pretrained" else ("teacher", teacher)
-            self.banks["prc"] = remembered_bank(("prc", *start, cfg.student.pooling, *data),
-                                                lambda: bank_of(student, split, self.runtime, cfg.precision)).to(device)
-        if "fic" in p.contrastive:
-            self.banks["fic"] = remembered_bank(("fic", teacher or teacher_dir, *data),
-                                                lambda: bank_of(self.teacher, split, self.runtime, cfg.precision)
-                                                ).to(device)
+        self.fixed_banks(student, teacher_dir, split)
         if p.structure == "unstructured":
             self._unstructured(model, split, train_loader, dev_loader, tag, curve)
         else:
             self._heads_ffn(model, split, train_loader, dev_loader, tag, curve)
         self.summary["snc_snapshots"] = self.snapshots
+
+    def fixed_banks(self, student, teacher_dir, split) -> None:
+        """The PrC and FiC banks of ``split`` (cap-pruning spec, Caching), each computed once:
+
+        - FiC: z_T(x), stored with the teacher's outputs (:func:`stored_pooled`); a teacher published
+          before they were stored is encoded here;
+        - PrC, init pretrained: z(x) of phi_pre over every training example, the artifact
+          ``features/<pooled_key>`` (claimed and published like the prototype features; with mean
+          pooling it is the prototype features artifact itself); init teacher: the FiC rows (theta
+          starts as the teacher's copy)."""
+        p, cfg, prepared, runtime = self.p, self.cfg, self.prepared, self.runtime
+
+        def bank(rows):
+            return bank_of_vectors(split, F.normalize(rows[split.index].float(), dim=-1).to(runtime.device))
+
+        teacher_rows = stored_pooled(teacher_dir, prepared.key) if self.teacher is not None else None
+        if "fic" in p.contrastive:
+            self.banks["fic"] = bank(teacher_rows) if teacher_rows is not None else \
+                bank_of(self.teacher, split, runtime, cfg.precision)
+        if "prc" not in p.contrastive:
+            return
+        if p.init == "teacher":  # theta before its first update is the teacher's copy
+            self.banks["prc"] = bank(teacher_rows) if teacher_rows is not None else \
+                bank_of(student, split, runtime, cfg.precision)
+            return
+        rel = f"features/{pooled_key(cfg, self.seed, prepared.key, runtime.device, cfg.student.pooling)}"
+        rows = stored_features(rel, lambda: pooled_rows(student, prepared.train, runtime, cfg.precision), prepared,
+                               runtime, self.store, self.claims)
+        self.banks["prc"] = bank(rows)
 
     def _stage(self, model, step, train_loader, dev_loader, tag, curve, epochs, scores=()) -> None:
         p, cfg = self.p, self.cfg

@@ -59,9 +59,10 @@ def finetune_step(model, batch):
 
 
 def train_student(job: StudentJob, cfg: ExperimentConfig, prepared, teacher_dir: str | None, runtime,
-                  keep_dir: str | None = None) -> dict:
+                  keep_dir: str | None = None, store=None, claims=None) -> dict:
     """Train one student for ``job`` from the teacher in ``teacher_dir``; returns accuracies, timings, sizes, curve.
-    With ``keep_dir``, the trained student is saved there too (:func:`keep_student`)."""
+    With ``keep_dir``, the trained student is saved there too (:func:`keep_student`). ``store`` and ``claims``
+    (the worker's registry client): where a pruned student's PrC rows are stored (none: computed here)."""
     method, domain, seed = job.method, job.domain, job.seed
     if job.precision is not None:  # the precision in its key, whatever this device would pick for auto
         cfg = replace(cfg, precision=job.precision)
@@ -82,7 +83,7 @@ def train_student(job: StudentJob, cfg: ExperimentConfig, prepared, teacher_dir:
     if cfg.student.prune is not None:  # a pruned student (metakd.train.pruned): the teacher's shape, masked
         from .pruned import PrunedStudent  # it builds on the Distiller below
 
-        pruned = PrunedStudent(cfg, seed, k, prepared, teacher, runtime)
+        pruned = PrunedStudent(cfg, seed, k, prepared, teacher, runtime, store, claims)
         model = runtime.prepare_model(pruned.build())
     else:
         reference = teacher if teacher is not None else _shape_only_teacher(cfg, prepared)

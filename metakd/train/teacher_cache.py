@@ -2,8 +2,9 @@
 
 Outputs: when a teacher is published, ``outputs.safetensors`` beside its weights holds, for every
 training example of the prepared data (row = the example's ``index``), its logits f_T(x), its
-domain representation r_T(x), r_T's pre-tanh value (``distill.tkd: pre_tanh_shared``) and
-p_gold = softmax(f_T(x))[y]. Stage 2, the lambda_i weights and the L_TKD target read these rows
+domain representation r_T(x), r_T's pre-tanh value (``distill.tkd: pre_tanh_shared``),
+p_gold = softmax(f_T(x))[y] and z_T(x), what its classifier reads (``pooled``: a pruned student's
+FiC bank, :func:`stored_pooled`). Stage 2, the lambda_i weights and the L_TKD target read these rows
 instead of running the teacher, in every student trial that shares the teacher.
 
 States: stage 1 / joint also need the teacher's hidden states at layers 0 and g(j) and its
@@ -34,13 +35,13 @@ OUTPUTS_FILE = "outputs.safetensors"
 
 
 def compute_outputs(model, split, runtime, precision: str = "fp32") -> dict[str, torch.Tensor]:
-    """logits [M, C], domain_repr [M, H], domain_pre_tanh [M, H], p_gold [M] (fp32, CPU) with row =
-    ``split.index`` (M = max index + 1)."""
+    """logits [M, C], domain_repr [M, H], domain_pre_tanh [M, H], p_gold [M], pooled [M, H] (fp32, CPU)
+    with row = ``split.index`` (M = max index + 1)."""
     def rows(out, batch):
         logits = out.logits.float()
         p_gold = logits.softmax(-1).gather(1, batch["labels"][:, None]).squeeze(1)
         return {"logits": logits, "domain_repr": out.domain_repr.float(),
-                "domain_pre_tanh": out.domain_pre_tanh.float(), "p_gold": p_gold}
+                "domain_pre_tanh": out.domain_pre_tanh.float(), "p_gold": p_gold, "pooled": out.pooled.float()}
 
     res = sharded_forward(model, split, rows, runtime, precision)
     size = int(split.index.max()) + 1 if len(split) else 0
@@ -92,6 +93,23 @@ class TeacherOutputs:
         except (FileNotFoundError, OSError):
             return None
         return cls(load_file(path), device)
+
+
+def stored_pooled(directory: str | None, data_key: str) -> torch.Tensor | None:
+    """z_T(x) of every training example (row = ``index``, [M, H] fp32 on the CPU) stored with the teacher
+    in ``directory``; None when there is none (no teacher, a teacher published before ``pooled`` was
+    stored, or outputs of other prepared data)."""
+    if directory is None:
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(f"{directory}/{OUTPUTS_FILE}", "pt") as f:
+            if (f.metadata() or {}).get("data_key") != data_key or "pooled" not in f.keys():
+                return None
+            return f.get_tensor("pooled")
+    except (FileNotFoundError, OSError):
+        return None
 
 
 # ----------------------------------------------------------------------------- states (per student job)
