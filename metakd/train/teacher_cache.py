@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..config import ExperimentConfig
 from .sharded import sharded_forward
@@ -90,9 +90,11 @@ class TeacherOutputs:
             with safe_open(path, "pt") as f:
                 if (f.metadata() or {}).get("data_key") != data_key or "domain_pre_tanh" not in f.keys():
                     return None  # other data, or written before the pre-tanh r_T was stored
+                # only what distillation reads (not z_T, a pruned student's FiC bank: stored_pooled)
+                return cls({k: f.get_tensor(k) for k in ("logits", "domain_repr", "domain_pre_tanh", "p_gold")},
+                           device)
         except (FileNotFoundError, OSError):
             return None
-        return cls(load_file(path), device)
 
 
 def stored_pooled(directory: str | None, data_key: str) -> torch.Tensor | None:
