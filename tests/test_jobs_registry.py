@@ -121,3 +121,29 @@ def test_hold_keeps_a_failed_runs_claims_and_restarts_their_leases(monkeypatch):
     assert state.claim("t1", "run-c") == "wait" and state.claim("t2", "run-c") == "mine"
     assert sorted(state.release_owner("run-a")) == ["s1", "t1"]
     assert state.claim("t1", "run-c") == "mine"
+
+
+def test_a_renewal_tells_the_owner_its_key_was_taken_over():
+    a = LocalRegistry(lease_s=0.3, renew_s=0.05)
+    state, b = a.backend, a.for_owner("b")
+    real, down = state.renew, [True]
+
+    def renew(keys, owner):  # a's node cannot reach the registry for a while
+        if owner == "local" and down[0]:
+            raise ConnectionError("registry unreachable")
+        return real(keys, owner)
+
+    state.renew = renew
+    try:
+        assert a.claim("k") == "mine" and a.claim("j") == "mine" and not a.lost_lease("k")
+        time.sleep(0.4)  # a's leases ran out
+        assert b.claim("k") == "mine"  # b took k over; j is nobody's
+        down[0] = False
+        deadline = time.monotonic() + 5
+        while not a.lost_lease("k") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert a.lost_lease("k") and not b.lost_lease("k")
+        assert not a.lost_lease("j")  # renewed again: nobody else had it
+        assert a.still_mine("j") and not a.still_mine("k")
+    finally:
+        a.close(), b.close()

@@ -237,3 +237,63 @@ def test_a_teacher_another_run_lost_resumes_from_that_runs_latest_registered_che
     assert workers._resume_point(events, own, "k") == train.uri("t0-teachers-0/checkpoint_a")
     local = workers.WorkerConfig(config.phase, "x", config.experiment, config.store, {}, config.registry, {})
     assert workers._resume_point(events, local, "k") is None
+
+
+def test_a_trainer_whose_key_was_taken_over_stops_training_before_its_end(tmp_path, monkeypatch):
+    """A's node loses the registry for 0.8 s: its lease (0.3 s) runs out and B takes the teacher over.
+    When A's renewals come back they say so, and A's training stops at its next progress line
+    instead of running its 100 steps to the end; only B publishes."""
+    from metakd.train import loop
+
+    registry = LocalRegistry(lease_s=0.3, renew_s=0.05)
+    state, t0 = registry.backend, time.monotonic()
+    real_renew = state.renew
+
+    def renew(keys, owner):
+        if owner == "runA" and time.monotonic() - t0 < 0.8:
+            raise ConnectionError("registry unreachable from A's node")
+        return real_renew(keys, owner)
+
+    state.renew = renew
+    monkeypatch.setattr(loop, "LOG_EVERY_S", 0.0)  # a progress line (and a look at the lease) after every step
+    steps, published = {"runA": 0, "runB": 0}, []
+    real_publish = Store.publish_dir
+
+    def teacher_that_trains(spec, cfg, prepared, runtime, out, store, claims=None):
+        model = torch.nn.Linear(3, 2)
+        batches = [{"input_ids": torch.randn(4, 3), "labels": torch.zeros(4, dtype=torch.long)}] * 100
+
+        def step(m, batch):
+            steps[claims.owner] += 1
+            time.sleep(0.02)
+            return torch.nn.functional.cross_entropy(m(batch["input_ids"]), batch["labels"])
+
+        n = 100 if claims.owner == "runA" else 10
+        loop.train_stage(model, step, batches[:n], None, [], loop.StageSettings("teacher", 1, 1e-3), runtime, "t")
+        Path(out, "who.txt").write_text(claims.owner)
+        return {"dev_accuracy": 0.5, "train_seconds": 0.0, "train_examples": 1}
+
+    def spying_publish(store, local_dir, rel):
+        published.append((rel, Path(local_dir, "who.txt").read_text()))
+        return real_publish(store, local_dir, rel)
+
+    monkeypatch.setattr(workers, "train_one_teacher", teacher_that_trains)
+    monkeypatch.setattr(workers, "_Prepared", lambda store, rels: (lambda seed: None))
+    monkeypatch.setattr(Store, "publish_dir", spying_publish)
+    spec = TeacherSpec("mix", None, 0, "tkey")
+    summaries = {}
+
+    def run(name):
+        config = workers.WorkerConfig(workers.RunPhase.TEACHERS, name, from_dict(CFG), str(tmp_path), {0: "data/x"},
+                                      registry, {"trial_id": "t", "part": "p"}, specs=(spec,))
+        summaries[name] = workers.teacher_worker(config)
+
+    a = threading.Thread(target=run, args=("runA",))
+    a.start()
+    time.sleep(0.5)
+    run("runB")
+    a.join()
+    registry.close()
+    assert steps["runB"] == 10 and 0 < steps["runA"] < 100  # A stopped early (without the lease thread: 100)
+    assert published == [("teachers/tkey", "runB")] and summaries["runA"] == [] and len(summaries["runB"]) == 1
+    assert [e["run"] for e in read_events(Store(str(tmp_path)), TEACHER)] == ["runB"]

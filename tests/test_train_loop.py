@@ -137,3 +137,43 @@ def test_a_non_finite_loss_on_one_ddp_rank_stops_every_rank_together(tmp_path):
     r0, r1 = ((tmp_path / f"{r}.txt").read_text() for r in (0, 1))
     assert r1.startswith("teacher mix seed=0: the training loss is nan in teacher epoch 1/2")
     assert r0.startswith("teacher mix seed=0: the training loss is not finite on another worker in teacher epoch 1/2")
+
+
+# ----------------------------------------------------------------------------- a training taken over
+
+
+def _counting_stage(superseded, epochs=3, log_every=None, monkeypatch=None):
+    """train_stage over 5 batches x ``epochs`` with ``runtime.superseded``; returns (steps taken, error)."""
+    from metakd.train import loop
+    from metakd.train.runtime import LocalRuntime
+
+    if log_every is not None:
+        monkeypatch.setattr(loop, "LOG_EVERY_S", log_every)
+    torch.manual_seed(0)
+    model, steps = torch.nn.Linear(3, 2), []
+    batches = [{"input_ids": torch.randn(4, 3), "labels": torch.zeros(4, dtype=torch.long)} for _ in range(5)]
+
+    def step(m, batch):
+        steps.append(1)
+        return torch.nn.functional.cross_entropy(m(batch["input_ids"]), batch["labels"])
+
+    runtime = LocalRuntime("cpu", log=lambda *_: None)
+    runtime.superseded = superseded
+    try:
+        loop.train_stage(model, step, batches, None, [], loop.StageSettings("teacher", epochs, 1e-3), runtime, "t")
+    except loop.Superseded as e:
+        return len(steps), e
+    return len(steps), None
+
+
+def test_a_training_taken_over_stops_at_the_end_of_its_epoch():
+    steps, error = _counting_stage(lambda: True)
+    assert steps == 5 and "another owner took this training over" in str(error) and "epoch 1/3" in str(error)
+    assert _counting_stage(lambda: False) == (15, None)  # still its own: all three epochs
+    assert _counting_stage(None) == (15, None)
+
+
+def test_a_training_taken_over_stops_at_its_next_progress_line(monkeypatch):
+    answers = iter([False, False, True])  # the third look (a progress line after every step) finds it taken
+    steps, error = _counting_stage(lambda: next(answers), log_every=-1.0, monkeypatch=monkeypatch)
+    assert steps == 3 and error is not None

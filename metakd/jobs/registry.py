@@ -7,8 +7,9 @@ arbitrates between live trainers. :class:`RegistryState` holds
   missing key trains it; the others skip it (or wait for it). An owner renews its lease while it
   works, so the claims of a trainer that died expire after ``lease_s`` and another takes over.
   A trainer whose lease ran out anyway (renewals that failed for longer than the lease) learns
-  it right before publishing (:meth:`RegistryClient.still_mine`) and drops its work; only the
-  owner finishes a key it holds.
+  it from its next renewal (:meth:`RegistryClient.lost_lease`: the training stops at its next
+  progress line or epoch end) or, at the latest, right before publishing
+  (:meth:`RegistryClient.still_mine`), and drops its work; only the owner finishes a key it holds.
 - admissions: resources promised to runs that were launched but have not started yet, so that
   trials deciding at the same moment do not all count the same free CPUs / GPUs.
 - a log of finished trainings, which the sweep's console prints.
@@ -183,6 +184,7 @@ class RegistryClient:
 
     def _init_local(self) -> None:
         self._held: set[str] = set()
+        self._lost: set[str] = set()  # held keys a renewal found taken over (or finished) by another owner
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = getattr(self.backend, "_metakd_lock", None)
@@ -214,8 +216,14 @@ class RegistryClient:
         answer = self._call("claim", key, self.owner)
         if answer == "mine":
             self._held.add(key)
+            self._lost.discard(key)
             self._start_renewing()
         return answer
+
+    def lost_lease(self, key: str) -> bool:
+        """Whether the last renewal found ``key`` no longer this owner's (no call: the lease thread's
+        answer): a training of it is to stop, another owner trains it now (:meth:`still_mine` asks)."""
+        return key in self._lost
 
     def finish(self, key: str, record: dict | None = None) -> bool:
         """Mark ``key`` done (:meth:`RegistryState.finish`); False, and a warning, when another owner
@@ -233,6 +241,7 @@ class RegistryClient:
         mine = self._call("claim", key, self.owner) == "mine"
         if mine:
             self._held.add(key)
+            self._lost.discard(key)
             self._start_renewing()
         else:
             self._held.discard(key)
@@ -284,7 +293,9 @@ class RegistryClient:
                     delay, failing_since = self.renew_s, None
                     continue
                 try:
-                    self._call("renew", keys, self.owner)  # a key lost meanwhile: still_mine says so
+                    lost = self._call("renew", keys, self.owner)
+                    # still held meanwhile (not finished or released here since the copy): taken over
+                    self._lost.update(k for k in lost or () if k in self._held)
                 except Exception as e:  # noqa: BLE001 - any failure of the call is retried
                     now = time.monotonic()
                     if failing_since is None:

@@ -24,7 +24,9 @@ goes NaN or infinite, or that runs out of device memory, gets a failed result na
 (``status: failed``, ``error``) and the worker goes on; a teacher whose loss goes NaN fails with
 ``teachers/<key>/failed.json``, and the jobs that need it get failed results naming it instead
 of waiting for it. Rank 0 asks the registry right before publishing whether the key is still
-its own (``RegistryClient.still_mine``): a trainer whose lease ran out drops its work.
+its own (``RegistryClient.still_mine``): a trainer whose lease ran out drops its work. It learns
+sooner when a lease renewal finds the key taken over: the training stops at its next progress
+line or epoch end (``Superseded``), not at its end.
 
 What a run's workers receive is one :class:`WorkerConfig` (a dataclass: Ray pickles it into
 every Train worker); its ``phase`` picks the function (:data:`WORKER_FN`).
@@ -35,6 +37,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Literal
@@ -47,7 +50,7 @@ from ..storage import Store
 from .claims import StoreClaims
 from .events import RUN_FAILED, STUDENT, TEACHER, read_events, worker_name, write_event
 from .registry import RegistryClient
-from ..train.loop import NonFiniteLoss
+from ..train.loop import NonFiniteLoss, Superseded
 from ..train.runtime import LocalRuntime, make_runtime
 from ..train.student import StudentJob, failed_student, train_student
 from ..train.teacher_cache import free_device_memory
@@ -169,10 +172,14 @@ def teacher_worker(config: WorkerConfig) -> list[dict]:
                 runtime.resume_dir = _fetch_checkpoint(resume, resume_dir)
                 start = time.time()
                 try:
-                    with track_training(config.tracking, Training.of_teacher(spec), runtime) as curves:
+                    with track_training(config.tracking, Training.of_teacher(spec), runtime) as curves, \
+                            _stops_when_lost(runtime, registry, spec.key):
                         summary = train_one_teacher(spec, cfg, prepared(spec.seed), runtime, out, store,
                                                     claims=registry)
                         curves.finish(summary)
+                except Superseded as e:  # every rank stops at once: another owner trains it and publishes it
+                    runtime.log(str(e))
+                    continue
                 except NonFiniteLoss as e:  # every rank stops at once (train_stage agrees): the run goes on
                     if runtime.is_main:
                         _teacher_failed(store, registry, runtime, config.run, spec, f"{e} (teacher {spec.key})",
@@ -225,6 +232,18 @@ def _teacher_failure(store: Store, job: StudentJob) -> str | None:
         return None  # neither published nor failed: fetch_dir says so
     return (f"student {job.method}:{job.domain} seed={job.seed} (job {job.key}) not trained: its teacher failed: "
             f"{failure['error']}")
+
+
+@contextmanager
+def _stops_when_lost(runtime, registry: RegistryClient, key: str):
+    """Within: the training of ``key`` stops (:class:`Superseded`, at its next progress line or epoch end)
+    once a lease renewal finds that another owner has taken ``key`` over; :func:`_still_mine` is the
+    last check, right before publishing."""
+    runtime.superseded = (lambda: registry.lost_lease(key)) if runtime.is_main else None
+    try:
+        yield
+    finally:
+        runtime.superseded = None
 
 
 def _still_mine(registry: RegistryClient, key: str, runtime) -> bool:
@@ -349,10 +368,15 @@ def student_worker(config: WorkerConfig) -> list[dict]:
                     runtime.log(failure)
                     result = failed_student(job, failure, 0.0)
                 else:
-                    with track_training(config.tracking, Training.of_student(job), runtime) as curves:
-                        result = _train_or_fail(job, cfg, prepared(job.seed), teacher_dir, runtime, keep_dir,
-                                                store, registry)
-                        curves.finish(result)
+                    try:
+                        with track_training(config.tracking, Training.of_student(job), runtime) as curves, \
+                                _stops_when_lost(runtime, registry, job.key):
+                            result = _train_or_fail(job, cfg, prepared(job.seed), teacher_dir, runtime, keep_dir,
+                                                    store, registry)
+                            curves.finish(result)
+                    except Superseded as e:  # another owner trains this job now and publishes it
+                        runtime.log(str(e))
+                        continue
                 end = time.time()
                 result.update(student_key=job.key, trained_by=config.source)
                 if runtime.is_main:

@@ -11,7 +11,8 @@ epoch's running sum is NaN or infinite as soon as one step's loss was. A non-fin
 the stage with :class:`NonFiniteLoss` at the next progress line (one worker; at most
 ``LOG_EVERY_S`` later) or at the end of the epoch (every worker: the ranks agree in one
 all-reduce, so they stop together). The steps in between are wasted, never kept: a NaN loss
-makes NaN gradients, then NaN weights.
+makes NaN gradients, then NaN weights. A training another owner has taken over (this owner's
+lease ran out) stops the same way, with :class:`Superseded`, at the same points.
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ class NonFiniteLoss(FloatingPointError):
         value = f"{loss}" if not math.isfinite(loss) else "not finite on another worker"
         super().__init__(f"{tag}: the training loss is {value} in {stage} epoch {epoch}/{epochs}: training "
                          f"stopped (a learning rate or a loss weight too large for this precision?)")
+
+
+class Superseded(RuntimeError):
+    """Another owner has taken over the training ``tag``: this owner's lease on it ran out (renewals
+    that failed for longer than the lease). The training stops; nothing of it is published."""
+
+    def __init__(self, tag: str, stage: str, epoch: int, epochs: int):
+        self.tag = tag
+        super().__init__(f"{tag}: another owner took this training over (the lease ran out) in {stage} epoch "
+                         f"{epoch}/{epochs}: stopped here, its work dropped")
 
 
 def to_device(batch: dict, device) -> dict:
@@ -199,10 +210,14 @@ def train_stage(
                 so_far = float(running) / n
                 if runtime.world_size == 1 and not math.isfinite(so_far):  # ranks check together, below
                     raise NonFiniteLoss(tag, settings.name, epoch + 1, settings.epochs, so_far)
+                if runtime.world_size == 1 and runtime.stop_requested():
+                    raise Superseded(tag, settings.name, epoch + 1, settings.epochs)
                 runtime.log(f"[{tag}] {settings.name} epoch {epoch + 1}/{settings.epochs} "
                             f"step {n}/{len(train_loader)} loss {so_far:.4f}")
         if runtime.any_rank(~torch.isfinite(running)):  # a collective: every rank reaches it
             raise NonFiniteLoss(tag, settings.name, epoch + 1, settings.epochs, float(running) / max(n, 1))
+        if runtime.stop_requested():  # rank 0 asks its registry client (no call: the lease thread's last answer)
+            raise Superseded(tag, settings.name, epoch + 1, settings.epochs)
         last = epoch == settings.epochs - 1
         # a stage that keeps its last epoch needs no dev accuracy before it
         evaluated = dev_loader is not None and (settings.keep_best or last)

@@ -28,6 +28,9 @@ class LocalRuntime:
     # a checkpoint of the training under way that another run left when it lost it (a node died):
     # train_stage resumes from it when it is further on than the run's own (metakd.jobs.workers sets it)
     resume_dir: str | None = None
+    # whether another owner has taken over the training under way (this owner's lease ran out): train_stage
+    # then stops it (metakd.jobs.workers sets it on rank 0 around each training; None: never)
+    superseded = None
 
     def __init__(self, device: str = "auto", log=print, gpu_share: float = 1.0):
         if device == "auto":
@@ -78,6 +81,10 @@ class LocalRuntime:
             dist.broadcast(t, 0)
             return bool(t.item())
         return flag
+
+    def stop_requested(self) -> bool:
+        """Rank 0's ``superseded()`` on every rank (with several ranks a collective: every rank calls it)."""
+        return self.agree(bool(self.is_main and self.superseded is not None and self.superseded()))
 
     def any_rank(self, flag: torch.Tensor) -> bool:
         """Whether the one-element tensor ``flag`` (on this rank's device) is true on some rank: one
