@@ -85,6 +85,34 @@ def check_checkpoint(spec: ModelConfig, where: str, remote: bool = False) -> str
                       f"paths are resolved from {os.getcwd()}")
 
 
+def searched_checkpoints(cfg: ExperimentConfig, remote: bool = False) -> list[str]:
+    """:func:`check_checkpoint` for every checkpoint a search may try: the values of a searched
+    ``student`` (a checkpoint name or a mapping with ``checkpoint``), ``student.checkpoint`` and
+    ``teacher.checkpoint``, each named by its place in ``search.params``. Notes, one per hub id."""
+    import copy
+
+    from .config import set_path
+
+    notes = []
+    for param, spec in (cfg.search.params or {}).items() if cfg.search is not None else ():
+        if param not in ("student", "student.checkpoint", "teacher.checkpoint") or not spec.values:
+            continue
+        for i, value in enumerate(spec.values):
+            where = f"search.params.{param}.values[{i}]"
+            if param == "student":
+                trial = copy.deepcopy(cfg)
+                set_path(trial, "student", value)  # as a trial's config gets it
+                model = trial.student
+            elif not isinstance(value, str):
+                continue  # the schema refuses it, naming the value
+            else:
+                model = ModelConfig(checkpoint=value)
+            note = check_checkpoint(model, where, remote)
+            if note:
+                notes.append(note)
+    return notes
+
+
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin")  # what AutoModel.from_pretrained loads (shards included)
 
 
@@ -245,6 +273,7 @@ def preflight(cfg: ExperimentConfig, remote: bool = False, read_data: bool = Tru
         check_output(cfg, storage, name)
     notes += [n for n in (check_checkpoint(cfg.teacher, "teacher", remote),
                           check_checkpoint(cfg.student, "student", remote)) if n]
+    notes += searched_checkpoints(cfg, remote)
     check_layers(cfg)
     where = data_location(cfg, remote)
     if where is not None:

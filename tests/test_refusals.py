@@ -269,6 +269,25 @@ def test_hub_id_offline_and_not_cached_is_refused_at_once(command, tmp_path, cap
     assert time.perf_counter() - start < 10
 
 
+@pytest.mark.parametrize("command", ["validate", "sweep"])
+def test_a_searched_hub_id_offline_and_not_cached_is_refused_at_once(command, tmp_path, capsys, monkeypatch, no_work):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    search = ("search:\n  algorithm: grid\n  params:\n    student: {type: grid, values: [tiny-student, "
+              "{checkpoint: prajjwal1/bert-tiny}]}\n")
+    code = main(_cli(command, _write(tmp_path, command, search)))
+    _assert_refused(code, capsys.readouterr().err, ["search.params.student.values[1]", "'prajjwal1/bert-tiny'",
+                                                    "HF_HUB_OFFLINE", "not in the local cache"], tmp_path)
+    # cached: a note, not a refusal
+    _fake_hub_cache(tmp_path / "hub", "prajjwal1--bert-tiny")
+    from metakd.config import load_sweep
+    from metakd.preflight import searched_checkpoints
+
+    notes = searched_checkpoints(load_sweep(_write(tmp_path, command, search)))
+    assert len(notes) == 1 and "search.params.student.values[1]" in notes[0] and "local cache" in notes[0]
+
+
 def test_hub_id_offline_but_cached_is_noted(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
