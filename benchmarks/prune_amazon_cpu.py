@@ -11,19 +11,20 @@ for ``metakd`` and ``kd_single``, 3 seeds. One store under ``runs/benchmarks/pru
 the teachers are trained once per seed and shared by every student (the teacher key does not see
 the student), so a rerun with other student settings trains only students.
 
-    python benchmarks/prune_amazon_cpu.py              # the ~62-minute shape below
+    python benchmarks/prune_amazon_cpu.py              # the measured shape below (99.7 min on 2 cores)
     python benchmarks/prune_amazon_cpu.py --estimate   # what it would train and how long, without training
-    python benchmarks/prune_amazon_cpu.py --domains books dvd electronics kitchen --sample-rate 0.1
+    python benchmarks/prune_amazon_cpu.py --domains books dvd electronics kitchen --sample-rate 0.2
 
-The shape that fits about an hour on 2 CPU cores (estimated from the rates amazon_cpu.py measured,
-not run): two domains (books, kitchen: amazon_cpu's largest and smallest metakd - kd_single gap),
-20 % of each domain's training split (~324 reviews; dev and test splits whole), 64 tokens, batch 16;
-teachers 1 epoch at 1e-4; the dense student as amazon_cpu (stage 1 and stage 2 one epoch each);
+The shape that fits about 90 minutes on 2 CPU cores (measured: README, "Pruned students (CAP)"):
+two domains (books, kitchen: amazon_cpu's largest and smallest metakd - kd_single gap), 35 % of
+each domain's training split (567 reviews; dev and test splits whole), 32 tokens, batch 16;
+teachers 2 epochs at 1e-4; the dense student as amazon_cpu (stage 1 and stage 2 one epoch each);
 pruned students from the pre-trained encoder (CAP's init) at lr 1e-4 (CAP's 3e-5 is for 10 BERT-base
-epochs): movement 2 epochs (pruning through the first, the final mask in the second: one SnC
-snapshot), heads_ffn two steps of 25 % with one retraining epoch each (one snapshot). 168 student
-jobs do not fit in an hour on 2 cores at any data size (each costs ~15 s of loading, evaluation and
-latency passes), so the default runs 2 domains: 84 jobs.
+epochs): movement 3 epochs (one dense, so that the scores learn before they prune, one pruning,
+one at the final mask), heads_ffn two steps of 25 % with one retraining epoch each (one snapshot).
+Without the dense epoch, every movement student of a one-seed check stayed at the majority rate.
+168 student jobs (four domains) do not fit in 90 minutes on 2 cores at a useful data size, so the
+default runs 2 domains: 84 jobs.
 
 Prints the accuracy table (test, mean ± std over seeds, average over domains) with
 student_nonzero_params, encoder_remaining, latency at batch 1 and its kind, train time; the CAP
