@@ -141,16 +141,23 @@ def test_a_teacher_whose_loss_goes_nan_fails_the_jobs_that_need_it_with_the_reas
                   if p.name == workers.TEACHER_FAILED) == []  # the failure was replaced, not kept beside it
 
 
-def _lease_race(tmp_path, monkeypatch, renew_a: bool) -> dict:
-    """Two teacher runs, A then B 0.5 s later, want one teacher; leases last 0.3 s and renew every 0.05 s
-    (``renew_a``: also A's). A trains for 1 s, B for 0.6 s. Returns who trained, who published,
-    and each run's summaries."""
+def _sleeps(owner: str, runtime) -> None:
+    time.sleep(1.0 if owner == "runA" else 0.6)
+
+
+def _lease_race(tmp_path, monkeypatch, renew_a: bool | None = None, a_unreachable=None, train=_sleeps) -> dict:
+    """Two teacher runs, A then B 0.5 s later, want one teacher; leases last 0.3 s and renew every 0.05 s,
+    A's only with ``renew_a`` (or while not ``a_unreachable(seconds since the start)``). ``train(owner,
+    runtime)`` trains (default: A for 1 s, B for 0.6 s). Returns who trained, who published, and each
+    run's summaries."""
     registry = LocalRegistry(lease_s=0.3, renew_s=0.05)
-    state = registry.backend
+    state, t0 = registry.backend, time.monotonic()
     real_renew = state.renew
+    if a_unreachable is None:
+        a_unreachable = lambda seconds: not renew_a  # noqa: E731
 
     def renew(keys, owner):
-        if owner == "runA" and not renew_a:
+        if owner == "runA" and a_unreachable(time.monotonic() - t0):
             raise ConnectionError("registry unreachable from A's node")
         return real_renew(keys, owner)
 
@@ -160,7 +167,7 @@ def _lease_race(tmp_path, monkeypatch, renew_a: bool) -> dict:
 
     def fake_teacher(spec, cfg, prepared, runtime, out, store, claims=None):
         trained.append(claims.owner)
-        time.sleep(1.0 if claims.owner == "runA" else 0.6)
+        train(claims.owner, runtime)
         Path(out, "who.txt").write_text(claims.owner)
         return {"dev_accuracy": 0.5, "train_seconds": 0.0, "train_examples": 1}
 
@@ -245,55 +252,23 @@ def test_a_trainer_whose_key_was_taken_over_stops_training_before_its_end(tmp_pa
     instead of running its 100 steps to the end; only B publishes."""
     from metakd.train import loop
 
-    registry = LocalRegistry(lease_s=0.3, renew_s=0.05)
-    state, t0 = registry.backend, time.monotonic()
-    real_renew = state.renew
-
-    def renew(keys, owner):
-        if owner == "runA" and time.monotonic() - t0 < 0.8:
-            raise ConnectionError("registry unreachable from A's node")
-        return real_renew(keys, owner)
-
-    state.renew = renew
     monkeypatch.setattr(loop, "LOG_EVERY_S", 0.0)  # a progress line (and a look at the lease) after every step
-    steps, published = {"runA": 0, "runB": 0}, []
-    real_publish = Store.publish_dir
+    steps = {"runA": 0, "runB": 0}
 
-    def teacher_that_trains(spec, cfg, prepared, runtime, out, store, claims=None):
-        model = torch.nn.Linear(3, 2)
+    def train(owner, runtime):  # the real loop: A 100 steps of 20 ms, B 10
         batches = [{"input_ids": torch.randn(4, 3), "labels": torch.zeros(4, dtype=torch.long)}] * 100
 
         def step(m, batch):
-            steps[claims.owner] += 1
+            steps[owner] += 1
             time.sleep(0.02)
             return torch.nn.functional.cross_entropy(m(batch["input_ids"]), batch["labels"])
 
-        n = 100 if claims.owner == "runA" else 10
-        loop.train_stage(model, step, batches[:n], None, [], loop.StageSettings("teacher", 1, 1e-3), runtime, "t")
-        Path(out, "who.txt").write_text(claims.owner)
-        return {"dev_accuracy": 0.5, "train_seconds": 0.0, "train_examples": 1}
+        n = 100 if owner == "runA" else 10
+        loop.train_stage(torch.nn.Linear(3, 2), step, batches[:n], None, [], loop.StageSettings("teacher", 1, 1e-3),
+                         runtime, "t")
 
-    def spying_publish(store, local_dir, rel):
-        published.append((rel, Path(local_dir, "who.txt").read_text()))
-        return real_publish(store, local_dir, rel)
-
-    monkeypatch.setattr(workers, "train_one_teacher", teacher_that_trains)
-    monkeypatch.setattr(workers, "_Prepared", lambda store, rels: (lambda seed: None))
-    monkeypatch.setattr(Store, "publish_dir", spying_publish)
-    spec = TeacherSpec("mix", None, 0, "tkey")
-    summaries = {}
-
-    def run(name):
-        config = workers.WorkerConfig(workers.RunPhase.TEACHERS, name, from_dict(CFG), str(tmp_path), {0: "data/x"},
-                                      registry, {"trial_id": "t", "part": "p"}, specs=(spec,))
-        summaries[name] = workers.teacher_worker(config)
-
-    a = threading.Thread(target=run, args=("runA",))
-    a.start()
-    time.sleep(0.5)
-    run("runB")
-    a.join()
-    registry.close()
+    race = _lease_race(tmp_path, monkeypatch, a_unreachable=lambda seconds: seconds < 0.8, train=train)
+    assert race["trained"] == ["runA", "runB"]
     assert steps["runB"] == 10 and 0 < steps["runA"] < 100  # A stopped early (without the lease thread: 100)
-    assert published == [("teachers/tkey", "runB")] and summaries["runA"] == [] and len(summaries["runB"]) == 1
-    assert [e["run"] for e in read_events(Store(str(tmp_path)), TEACHER)] == ["runB"]
+    assert race["published"] == [("teachers/tkey", "runB")] and race["events"] == race["log"] == ["runB"]
+    assert race["summaries"]["runA"] == [] and len(race["summaries"]["runB"]) == 1
