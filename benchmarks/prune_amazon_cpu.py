@@ -93,18 +93,21 @@ def experiments(args) -> list[tuple[str, dict]]:
     return runs
 
 
-def estimate_minutes(args) -> float:
-    """Minutes on 2 cores by the rates above (a model of the run, not a measurement)."""
+def estimate_minutes(args, labels: set[str]) -> float:
+    """Minutes on 2 cores by the rates above for the students ``labels`` (a model of the run, not a measurement)."""
     n = 1620 * args.sample_rate * args.max_length / 64  # training reviews per domain, in 64-token units
     domains, seeds, methods = len(args.domains or ["books", "dvd", "electronics", "kitchen"]), len(args.seeds), \
         len(args.methods)
     r6, f6, r3 = RATE["train6"], RATE["forward6"], RATE["train3"]
     teachers = seeds * ((1 + domains) * 20.0 + 2 * 2 * domains * n / r6 + (1 + domains + 1) * domains * n / f6)
-    dense = seeds * methods * domains * (JOB_FIXED_S + n / f6 + 2 * n / r3)
-    # PrC and FiC are encoded once per process and (seed, domain): FiC per teacher, PrC shared by the methods
-    pruned = seeds * domains * (methods + 1) * n / f6
-    for prune in PRUNED.values():
-        for modules in CONTRASTIVE.values():
+    dense = seeds * methods * domains * (JOB_FIXED_S + n / f6 + 2 * n / r3) if "dense 3L" in labels else 0.0
+    # PrC: phi_pre over every training example, once per seed (stored, shared by domains and methods);
+    # FiC comes with the teacher's outputs
+    pruned = seeds * domains * n / f6
+    for label, prune in PRUNED.items():
+        for cap in CONTRASTIVE:
+            if f"{label} {cap}" not in labels:
+                continue
             forwards = n / f6  # the teacher's states
             if prune.get("structure") == "heads_ffn":
                 steps = round(prune["sparsity"] / prune["step"])
@@ -143,6 +146,8 @@ def main() -> None:
                         help="override a field of the shared recipe, e.g. --set teacher.epochs=2 (repeatable)")
     parser.add_argument("--prune", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of every prune block, e.g. --prune dense_epochs=1 (repeatable)")
+    parser.add_argument("--students", nargs="+", metavar="LABEL", default=None,
+                        help="only these students, by label (e.g. 'dense 3L' 'movement 0.5 none'; default: all)")
     parser.add_argument("--tune", action="store_true", help="report the dev split only")
     parser.add_argument("--root", default=str(ROOT / "runs" / "benchmarks" / "prune_amazon_cpu"),
                         help="the store: data, teachers and students, reused by a rerun")
@@ -152,11 +157,17 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     split = "dev" if args.tune else "test"
     runs = experiments(args)
+    if args.students:
+        labels = [label for label, _ in runs]
+        unknown = [x for x in args.students if x not in labels]
+        if unknown:
+            parser.error(f"--students: {', '.join(map(repr, unknown))} not among {', '.join(map(repr, labels))}")
+        runs = [(label, raw) for label, raw in runs if label in args.students]
     jobs = len(runs) * len(args.methods) * len(args.domains) * len(args.seeds)
     print("command: python benchmarks/prune_amazon_cpu.py " + " ".join(sys.argv[1:]), flush=True)
     print(f"plan: {len(runs)} students ({', '.join(label for label, _ in runs)}) x {len(args.methods)} methods x "
           f"{len(args.domains)} domains x {len(args.seeds)} seeds = {jobs} student jobs; estimated "
-          f"{estimate_minutes(args):.0f} min on 2 cores", flush=True)
+          f"{estimate_minutes(args, {label for label, _ in runs}):.0f} min on 2 cores", flush=True)
     if args.estimate:
         return
     start = time.perf_counter()
