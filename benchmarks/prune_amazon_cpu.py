@@ -125,6 +125,8 @@ def cap_effect(df: pd.DataFrame, split: str) -> list[str]:
     for method in sorted(set(pruned["method"])):
         rows = pruned[pruned["method"] == method].copy()
         rows["method"] = method + "@" + rows["prune_contrastive"].map(lambda c: "none" if c == "none" else "cap")
+        if set(rows["method"]) != {f"{method}@cap", f"{method}@none"}:
+            continue  # --students without a pair
         rows = rows.drop(columns=[c for c in analysis.PAIR_COLUMNS if c in rows.columns])  # pair on seed, domain
         cmp = analysis.compare_methods(rows, f"{method}@cap", f"{method}@none", split,
                                        by=["prune_structure", "prune_criterion", "prune_target"])
