@@ -96,7 +96,7 @@ def test_racing_claimants_of_different_sweeps_leave_one_winner(tmp_path, protoco
             s.local_root = None
         (tmp_path / "claims").mkdir()  # an object store needs no directories; the local filesystem under it does
     # the production settle time (1 s): at 0.3 s a claimant delayed between its look and its put by a loaded
-    # machine could still write after another had read its own claim back (seen once in ~20 suite runs)
+    # machine could still write after another had read its own claim back (seen once, on a busy machine)
     claims = [StoreClaims(s, f"sweep-{i}", "run") for i, s in enumerate(stores)]
     start = threading.Barrier(len(claims))
     won = []
