@@ -93,8 +93,10 @@ def searched_checkpoints(cfg: ExperimentConfig, remote: bool = False) -> list[st
 
     from .config import set_path
 
+    if cfg.search is None:
+        return []
     notes = []
-    for param, spec in (cfg.search.params or {}).items() if cfg.search is not None else ():
+    for param, spec in (cfg.search.params or {}).items():
         if param not in ("student", "student.checkpoint", "teacher.checkpoint") or not spec.values:
             continue
         for i, value in enumerate(spec.values):

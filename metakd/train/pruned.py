@@ -46,7 +46,6 @@ from ..pruning.schedule import cubic_keep, pruned_counts, soft_lambda, structure
 from .loop import StageSettings, to_device, train_stage
 from .precision import autocast
 from .runtime import unwrap
-from .sharded import sharded_forward
 from .distill import Distiller
 from .features import pooled_key, pooled_rows, stored_features
 from .teacher_cache import stored_pooled, teacher_caches
@@ -66,11 +65,7 @@ def classifier_inputs(model):
 
 def encode(model, split, runtime, precision: str = "fp32") -> torch.Tensor:
     """z(x)/||z(x)|| of every example of ``split`` (its order), eval mode, no grad: [N, H] fp32 on the CPU."""
-    net = unwrap(model)
-    with classifier_inputs(net) as seen:
-        rows = sharded_forward(net, split, lambda out, batch: {"z": F.normalize(seen["z"].float(), dim=-1)},
-                               runtime, precision)
-    return rows["z"]
+    return F.normalize(pooled_rows(unwrap(model), split, runtime, precision), dim=-1)
 
 
 def bank_of(model, split, runtime, precision: str = "fp32") -> MemoryBank:
