@@ -83,33 +83,30 @@ class TeacherOutputs:
     def load(cls, directory: str, data_key: str, device) -> "TeacherOutputs | None":
         """The outputs stored with a teacher, or None when there are none (a teacher published
         before they existed) or they belong to other prepared data."""
-        path = f"{directory}/{OUTPUTS_FILE}"
-        try:
-            from safetensors import safe_open
-
-            with safe_open(path, "pt") as f:
-                if (f.metadata() or {}).get("data_key") != data_key or "domain_pre_tanh" not in f.keys():
-                    return None  # other data, or written before the pre-tanh r_T was stored
-                # only what distillation reads (not z_T, a pruned student's FiC bank: stored_pooled)
-                return cls({k: f.get_tensor(k) for k in ("logits", "domain_repr", "domain_pre_tanh", "p_gold")},
-                           device)
-        except (FileNotFoundError, OSError):
-            return None
+        # only what distillation reads (not z_T, a pruned student's FiC bank: stored_pooled); None also for
+        # outputs written before the pre-tanh r_T was stored
+        stored = _read_outputs(directory, data_key, ("logits", "domain_repr", "domain_pre_tanh", "p_gold"))
+        return None if stored is None else cls(stored, device)
 
 
 def stored_pooled(directory: str | None, data_key: str) -> torch.Tensor | None:
     """z_T(x) of every training example (row = ``index``, [M, H] fp32 on the CPU) stored with the teacher
     in ``directory``; None when there is none (no teacher, a teacher published before ``pooled`` was
     stored, or outputs of other prepared data)."""
-    if directory is None:
-        return None
+    stored = _read_outputs(directory, data_key, ("pooled",)) if directory is not None else None
+    return None if stored is None else stored["pooled"]
+
+
+def _read_outputs(directory: str, data_key: str, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+    """The tensors ``names`` of the outputs stored in ``directory``; None when there are none, they
+    belong to other prepared data, or one of ``names`` is missing (written by an older version)."""
     from safetensors import safe_open
 
     try:
         with safe_open(f"{directory}/{OUTPUTS_FILE}", "pt") as f:
-            if (f.metadata() or {}).get("data_key") != data_key or "pooled" not in f.keys():
+            if (f.metadata() or {}).get("data_key") != data_key or not set(names) <= set(f.keys()):
                 return None
-            return f.get_tensor("pooled")
+            return {name: f.get_tensor(name) for name in names}
     except (FileNotFoundError, OSError):
         return None
 
